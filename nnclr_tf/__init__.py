@@ -1,0 +1,51 @@
+"""NNCLR (Nearest-Neighbour Contrastive Learning of Visual Representations) for TensorFlow / Keras 3.
+
+    import keras, nnclr_tf
+    encoder = nnclr_tf.build_backbone("resnet18", input_shape=(32, 32, 3), cifar_stem=True)
+    model = nnclr_tf.NNCLR(encoder, queue_size=16384)
+    model.compile(optimizer=nnclr_tf.LARS(nnclr_tf.WarmupCosine(0.3, 512, 10_000, 500)))
+    model.fit(nnclr_tf.pretraining_dataset("cifar10", batch_size=512), steps_per_epoch=..., epochs=...)
+
+The pieces stand alone: `SupportSet` (the queue and its nearest-neighbour lookup), `losses`
+(the NNCLR and SimCLR-style contrastive losses), the heads, the augmentations and the optimizer.
+TensorFlow is imported on first use of these names, so `nnclr_tf.config` stays light.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "NNCLR": "nnclr_tf.model",
+    "SupportSet": "nnclr_tf.support_set",
+    "ProjectionHead": "nnclr_tf.heads",
+    "PredictionHead": "nnclr_tf.heads",
+    "LinearProbe": "nnclr_tf.heads",
+    "build_backbone": "nnclr_tf.backbones",
+    "LARS": "nnclr_tf.optim",
+    "WarmupCosine": "nnclr_tf.optim",
+    "view_augmenter": "nnclr_tf.augment",
+    "pretraining_dataset": "nnclr_tf.data",
+    "evaluation_dataset": "nnclr_tf.data",
+    "export_encoder": "nnclr_tf.export",
+    "load_encoder": "nnclr_tf.export",
+    "get_preset": "nnclr_tf.config",
+    "override": "nnclr_tf.config",
+    "Config": "nnclr_tf.config",
+    "pretrain": "nnclr_tf.train",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in ("losses", "augment", "data", "evaluate", "export", "config", "train"):
+        return importlib.import_module(f"nnclr_tf.{name}")
+    raise AttributeError(f"module 'nnclr_tf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)
