@@ -1,0 +1,257 @@
+"""`NNCLR(keras.Model)`: the method as a few lines of composition.
+
+    encoder = build_backbone("resnet18", input_shape=(32, 32, 3))
+    model = NNCLR(encoder, queue_size=16384, num_classes=10)
+    model.compile(optimizer=LARS(...))
+    model.fit(pretraining_dataset(...), steps_per_epoch=..., epochs=...)
+    features = model.encode(images)
+
+One training step (`train_step`), per replica under any tf.distribute strategy:
+images -> views 1 and 2 -> one encoder pass (shared BN statistics) -> projection z (L2-normalised)
+-> prediction p -> NN(z) from the support set (no gradient) -> nnclr_loss with all-gathered
+negatives -> gradients -> optimizer -> enqueue the all-gathered z of view 1.
+"""
+
+import collections.abc
+
+import keras
+import tensorflow as tf
+
+from nnclr_tf.heads import LinearProbe, PredictionHead, ProjectionHead
+from nnclr_tf.losses import contrastive_accuracy, nnclr_loss
+from nnclr_tf.support_set import SupportSet
+
+POSITIVES = ("nn", "self")
+
+
+def _unpack_views(data):
+    """Batch -> (view_1, view_2, labels or None); see `NNCLR` for the accepted forms."""
+    # Keras packs array inputs as (x, y, sample_weight) with None for the missing parts.
+    while isinstance(data, (list, tuple)) and data and data[-1] is None:
+        data = data[:-1]
+    if isinstance(data, (list, tuple)) and len(data) == 1:
+        data = data[0]
+    if (isinstance(data, (list, tuple)) and len(data) == 2
+            and isinstance(data[0], collections.abc.Mapping)):  # fit(x=views, y=labels)
+        data = dict(data[0], label=data[1])
+    if isinstance(data, collections.abc.Mapping):
+        if "view_1" not in data or "view_2" not in data:
+            raise ValueError(f"The training batch has keys {sorted(data)}, expected 'view_1', "
+                             "'view_2' and optionally 'label'; build it with "
+                             "nnclr_tf.data.pretraining_dataset.")
+        return data["view_1"], data["view_2"], data.get("label")
+    if isinstance(data, (list, tuple)) and len(data) in (2, 3):
+        return data[0], data[1], data[2] if len(data) == 3 else None
+    raise ValueError(f"The training batch is a {type(data).__name__}, expected a dict "
+                     "{'view_1', 'view_2'[, 'label']} or a tuple (view_1, view_2[, label]).")
+
+
+def _flat_labels(labels):
+    return None if labels is None else tf.reshape(tf.cast(labels, tf.int32), [-1])
+
+
+@keras.saving.register_keras_serializable(package="nnclr_tf")
+class NNCLR(keras.Model):
+    """Nearest-neighbour contrastive learning around any image encoder.
+
+    Args:
+      encoder: keras.Model, images [batch, H, W, C] -> features [batch, features], with a
+        defined input shape (a Functional model).
+      projection_hidden_dims, projection_dim: the projection MLP (paper: (2048, 2048), 256).
+      prediction_hidden_dims: the prediction MLP's hidden widths (paper: (4096,)).
+      queue_size: rows in the support set (paper: 98,304).
+      temperature: softmax temperature (paper: 0.1).
+      positive: "nn" (NNCLR) or "self" (anchors are z itself, with gradient: the SimCLR-style
+        ablation with a prediction head).
+      top_k: sample the neighbour among the top-k (1 = the paper).
+      transposed_loss: add the transposed loss terms (see `nnclr_loss`).
+      num_classes: > 0 trains an online linear probe on stop_gradient(features) when batches
+        carry labels; 0 disables it.
+      synchronized_bn: BN statistics over all replicas in the heads.
+      queue_write_mode: "auto", "scatter" (CPU/GPU) or "assign" (TPU); see `SupportSet`.
+
+    Training batches: dict {"view_1", "view_2"[, "label"]} or tuple (view_1, view_2[, label]),
+    views [batch, H, W, C] float in [0, 1]. Evaluation batches: (images, labels), which
+    `evaluate` scores with the linear probe (probe_loss, probe_acc) when num_classes > 0.
+    """
+
+    def __init__(self, encoder, projection_hidden_dims=(2048, 2048), projection_dim=256,
+                 prediction_hidden_dims=(4096,), queue_size=98304, temperature=0.1,
+                 positive="nn", top_k=1, transposed_loss=False, num_classes=0,
+                 synchronized_bn=False, queue_write_mode="auto", **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(encoder, keras.Model):
+            raise ValueError(f"encoder={encoder!r} is not a keras.Model; pass e.g. "
+                             "nnclr_tf.backbones.build_backbone('resnet18').")
+        if positive not in POSITIVES:
+            raise ValueError(f"positive={positive!r} is not one of {POSITIVES}; use 'nn' for "
+                             "NNCLR or 'self' for the SimCLR-style ablation.")
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature={temperature} must be positive; the paper uses 0.1.")
+        if int(num_classes) < 0:
+            raise ValueError(f"num_classes={num_classes} is negative; pass 0 to disable the "
+                             "linear probe.")
+        self.encoder = encoder
+        self.projection_hidden_dims = tuple(int(d) for d in projection_hidden_dims)
+        self.projection_dim = int(projection_dim)
+        self.prediction_hidden_dims = tuple(int(d) for d in prediction_hidden_dims)
+        self.queue_size = int(queue_size)
+        self.temperature = float(temperature)
+        self.positive = positive
+        self.top_k = int(top_k)
+        self.transposed_loss = bool(transposed_loss)
+        self.num_classes = int(num_classes)
+        self.synchronized_bn = bool(synchronized_bn)
+        self.queue_write_mode = queue_write_mode
+
+        self.projection_head = ProjectionHead(self.projection_hidden_dims, self.projection_dim,
+                                              synchronized_bn, name="projection_head")
+        self.prediction_head = PredictionHead(self.prediction_hidden_dims, self.projection_dim,
+                                              synchronized_bn, name="prediction_head")
+        self.support_set = SupportSet(self.queue_size, self.projection_dim, top_k=self.top_k,
+                                      write_mode=queue_write_mode, name="support_set")
+        self.probe = LinearProbe(self.num_classes, name="probe") if self.num_classes else None
+
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.contrastive_acc_tracker = keras.metrics.Mean(name="contrastive_acc")
+        self.nn_acc_tracker = keras.metrics.Mean(name="nn_acc")
+        self.probe_loss_tracker = keras.metrics.Mean(name="probe_loss")
+        self.probe_acc_tracker = keras.metrics.Mean(name="probe_acc")
+        # Built now, so that fit/evaluate never trace `call` on a training batch to build it.
+        if getattr(encoder, "inputs", None):
+            self.build(encoder.input_shape)
+
+    @property
+    def metrics(self):
+        # Listed here so Keras resets them at the start of every epoch / evaluation.
+        return [self.loss_tracker, self.contrastive_acc_tracker, self.nn_acc_tracker,
+                self.probe_loss_tracker, self.probe_acc_tracker]
+
+    def build(self, input_shape=None):
+        """Creates every weight (heads, queue, probe) from the images' [batch, H, W, C]."""
+        input_shape = tuple(input_shape if input_shape is not None else self.encoder.input_shape)
+        if not self.encoder.built:
+            self.encoder.build(input_shape)
+        features_shape = tuple(self.encoder.compute_output_shape(input_shape))
+        z_shape = features_shape[:-1] + (self.projection_dim,)
+        for layer, shape in ((self.projection_head, features_shape),
+                             (self.prediction_head, z_shape), (self.support_set, z_shape),
+                             (self.probe, features_shape)):
+            if layer is not None and not layer.built:
+                layer.build(shape)
+
+    def call(self, images, training=False):
+        """[batch, H, W, C] -> encoder features [batch, features]."""
+        return self.encoder(images, training=training)
+
+    def encode(self, images):
+        """Inference features, float32 [batch, features]."""
+        return tf.cast(self.encoder(images, training=False), tf.float32)
+
+    def _embed(self, features, training):
+        z = tf.math.l2_normalize(
+            tf.cast(self.projection_head(features, training=training), tf.float32), axis=-1)
+        p = tf.math.l2_normalize(
+            tf.cast(self.prediction_head(z, training=training), tf.float32), axis=-1)
+        return z, p
+
+    def _probe_step(self, features, labels):
+        logits = self.probe(tf.stop_gradient(features))
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            labels, logits, from_logits=True))
+        accuracy = tf.reduce_mean(tf.cast(
+            tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32))
+        self.probe_loss_tracker.update_state(loss)
+        self.probe_acc_tracker.update_state(accuracy)
+        return loss
+
+    def train_step(self, data):
+        view_1, view_2, labels = _unpack_views(data)
+        labels = _flat_labels(labels)
+        ctx = tf.distribute.get_replica_context()
+        num_replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        batch = tf.shape(view_1)[0]
+
+        def gather(t):
+            # tf.identity: all_gather of a tensor straight from the input pipeline trips
+            # MultiWorkerMirroredStrategy.
+            return ctx.all_gather(tf.identity(t), axis=0) if num_replicas > 1 else t
+
+        with tf.GradientTape() as tape:
+            features = self.encoder(tf.concat([view_1, view_2], axis=0), training=True)
+            z, p = self._embed(features, training=True)
+            z_1, z_2, p_1, p_2 = z[:batch], z[batch:], p[:batch], p[batch:]
+            nn_1, nn_labels = self.support_set.nearest_neighbour(z_1, return_labels=True)
+            nn_2 = self.support_set.nearest_neighbour(z_2)
+            anchors_1, anchors_2 = (nn_1, nn_2) if self.positive == "nn" else (z_1, z_2)
+            gathered, offset = None, 0
+            if num_replicas > 1:
+                # One all_gather (one collective each way) for all the tensors that need it.
+                parts = [p_1, p_2] + ([anchors_1, anchors_2] if self.transposed_loss else [])
+                parts = tf.split(gather(tf.concat(parts, axis=1)), len(parts), axis=1)
+                gathered = (parts[2], parts[3]) if self.transposed_loss else (None, None)
+                gathered += (parts[0], parts[1])
+                offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * batch
+            loss = nnclr_loss(anchors_1, anchors_2, p_1, p_2, self.temperature,
+                              transposed=self.transposed_loss, gathered=gathered,
+                              label_offset=offset)
+            total = loss
+            with_probe = self.probe is not None and labels is not None
+            if with_probe:
+                total += self._probe_step(features[:batch], labels)
+            # The optimizer sums replica gradients: scale so the sum is the global-batch mean.
+            scaled = self.optimizer.scale_loss(total / num_replicas)
+
+        variables = self.trainable_variables
+        pairs = [(g, v) for g, v in zip(tape.gradient(scaled, variables), variables)
+                 if g is not None]
+        self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+        self.support_set.enqueue(gather(z_1), None if labels is None else gather(labels))
+
+        self.loss_tracker.update_state(loss)
+        self.contrastive_acc_tracker.update_state(
+            0.5 * (contrastive_accuracy(anchors_1, p_2) + contrastive_accuracy(anchors_2, p_1)))
+        logs = [self.loss_tracker, self.contrastive_acc_tracker]
+        if labels is not None:
+            self.nn_acc_tracker.update_state(
+                tf.reduce_mean(tf.cast(tf.equal(nn_labels, labels), tf.float32)))
+            logs.append(self.nn_acc_tracker)
+        if with_probe:
+            logs += [self.probe_loss_tracker, self.probe_acc_tracker]
+        return {m.name: m.result() for m in logs}
+
+    def test_step(self, data):
+        if isinstance(data, collections.abc.Mapping):
+            images, labels = data.get("image", data.get("view_1")), data.get("label")
+        elif isinstance(data, (list, tuple)):
+            images, labels = data[0], data[1] if len(data) > 1 else None
+        else:
+            images, labels = data, None
+        # Keras cannot run an evaluation step that returns no logs, so say why instead.
+        if self.probe is None:
+            raise ValueError("This NNCLR model has num_classes=0, so it has no linear probe to "
+                             "evaluate; build it with num_classes > 0 or use nnclr_tf.evaluate.")
+        if labels is None:
+            raise ValueError("The evaluation batch has no labels; pass (images, labels) batches "
+                             "to evaluate the linear probe.")
+        self._probe_step(self.encoder(images, training=False), _flat_labels(labels))
+        return {m.name: m.result() for m in (self.probe_loss_tracker, self.probe_acc_tracker)}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            encoder=keras.saving.serialize_keras_object(self.encoder),
+            projection_hidden_dims=self.projection_hidden_dims,
+            projection_dim=self.projection_dim,
+            prediction_hidden_dims=self.prediction_hidden_dims,
+            queue_size=self.queue_size, temperature=self.temperature, positive=self.positive,
+            top_k=self.top_k, transposed_loss=self.transposed_loss,
+            num_classes=self.num_classes, synchronized_bn=self.synchronized_bn,
+            queue_write_mode=self.queue_write_mode)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        return cls(**config)

@@ -1,0 +1,89 @@
+"""Shared test helpers: a tiny encoder and the layer round trip.
+
+Test modules (pytest or absl parameterized.TestCase) import them with
+`from conftest import tiny_encoder, round_trip`; pytest puts tests/ on sys.path.
+"""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+
+
+def tiny_encoder(input_shape=(16, 16, 3), width=8, name="tiny_encoder"):
+    """A small conv Functional model: images [batch, H, W, C] -> pooled features [batch, 2*width].
+
+    Made of Keras core layers only, so it saves and loads with safe_mode.
+    """
+    images = keras.Input(shape=tuple(input_shape), name="images")
+    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False)(images)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(2 * width, 3, strides=2, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    features = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(images, features, name=name)
+
+
+def _numpy(x):
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+
+def _as_numpy(outputs):
+    return [_numpy(o) for o in keras.tree.flatten(outputs)]
+
+
+def assert_weights_equal(expected, actual):
+    """Bit-for-bit equality of two weight lists (names and values)."""
+    assert len(expected) == len(actual), (len(expected), len(actual))
+    for e, a in zip(expected, actual):
+        np.testing.assert_array_equal(_numpy(e), _numpy(a), err_msg=str(getattr(e, "path", "")))
+
+
+def round_trip(layer, inputs, directory=None, atol=1e-6, **call_kwargs):
+    """Build and call `layer`, then check get_config/from_config and a `.keras` save/load.
+
+    Args:
+      layer: a Keras layer (built or not).
+      inputs: a NumPy batch to call it on.
+      directory: a writable folder (pytest tmp_path); a temporary one when None.
+    Returns:
+      The layer reloaded from the `.keras` file.
+    """
+    inputs = np.asarray(inputs)
+    expected = _as_numpy(layer(inputs, **call_kwargs))
+
+    clone = layer.__class__.from_config(layer.get_config())
+    clone(inputs, **call_kwargs)  # builds the weights
+    clone.set_weights(layer.get_weights())
+    assert clone.get_config() == layer.get_config()
+    for e, a in zip(expected, _as_numpy(clone(inputs, **call_kwargs))):
+        np.testing.assert_allclose(a, e, atol=atol)
+
+    symbolic = keras.Input(shape=inputs.shape[1:], dtype=str(inputs.dtype))
+    wrapper = keras.Model(symbolic, layer(symbolic, **call_kwargs))
+    with tempfile.TemporaryDirectory(dir=directory) as folder:
+        path = os.path.join(folder, f"{layer.name}.keras")
+        wrapper.save(path)
+        loaded = keras.saving.load_model(path, safe_mode=True)
+    assert_weights_equal(wrapper.weights, loaded.weights)
+    for e, a in zip(expected, _as_numpy(loaded(inputs))):
+        np.testing.assert_allclose(a, e, atol=atol)
+    reloaded = [l for l in loaded.layers if l.name == layer.name]
+    assert len(reloaded) == 1 and type(reloaded[0]) is type(layer), loaded.layers
+    return reloaded[0]
+
+
+@pytest.fixture(name="tiny_encoder")
+def tiny_encoder_fixture():
+    """pytest fixture form: returns the `tiny_encoder` builder."""
+    return tiny_encoder
+
+
+@pytest.fixture(name="round_trip")
+def round_trip_fixture():
+    """pytest fixture form: returns the `round_trip` helper."""
+    return round_trip
