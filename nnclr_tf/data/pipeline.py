@@ -1,0 +1,220 @@
+"""tf.data pipelines: two augmented views for pretraining, resized images for evaluation.
+
+    ds = pretraining_dataset("embedded", batch_size=256, image_size=28)
+    batch = next(iter(ds))  # {"view_1": [256, 28, 28, 1], "view_2": ..., "label": [256]}
+    model.fit(ds, steps_per_epoch=dataset_info("embedded").num_examples // 256)
+
+Under tf.distribute, pass the `input_context` that `strategy.distribute_datasets_from_function` gives:
+each input pipeline then reads a disjoint part of the split and batches the per-replica batch size.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from nnclr_tf.data import sources, subsets
+
+EVAL_AUGMENTATIONS = (None, "crop_flip")
+_CACHE_LIMIT_BYTES = 512 * 2**20  # Decoded uint8 images below this size stay in memory.
+_IMAGENET_SUBSETS = {0.01: "imagenet2012_subset/1pct", 0.1: "imagenet2012_subset/10pct"}
+
+
+def _sharding(input_context, batch_size):
+    """(shard or None, per-pipeline batch size) for an optional tf.distribute.InputContext."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if input_context is None:
+        return None, batch_size
+    per_replica = input_context.get_per_replica_batch_size(batch_size)
+    if input_context.num_input_pipelines > 1:
+        return (input_context.num_input_pipelines, input_context.input_pipeline_id), per_replica
+    return None, per_replica
+
+
+def _check_enough(info, count, batch_size, per_pipeline_batch, shard):
+    if count == 0:
+        raise ValueError(f"Dataset {info.name!r} split {info.split!r} has no images; check the "
+                         "dataset name, split and folder.")
+    if count < batch_size:
+        raise ValueError(f"Dataset {info.name!r} split {info.split!r} has {count} images, fewer "
+                         f"than one global batch of {batch_size}; lower batch_size or add images.")
+    if shard is not None and count // shard[0] < per_pipeline_batch:
+        raise ValueError(f"Each of the {shard[0]} input pipelines gets about {count // shard[0]} of "
+                         f"the {count} images, fewer than its batch of {per_pipeline_batch}; lower "
+                         "batch_size.")
+
+
+def _view_augmenters(image_size, augment, channels, crop_scale, seed):
+    # Imported here so that the data package does not need the augmentation module to load.
+    from nnclr_tf import augment as augment_lib  # pylint: disable=import-outside-toplevel
+    return tuple(augment_lib.view_augmenter(view, image_size, preset=augment, channels=channels,
+                                            crop_scale=tuple(crop_scale), seed=seed)
+                 for view in (1, 2))
+
+
+def _maybe_cache(ds, info, count):
+    height, width, channels = info.image_shape
+    if height and width and count * height * width * channels <= _CACHE_LIMIT_BYTES:
+        return ds.cache()
+    return ds
+
+
+def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_size=256,
+                        image_size=32, augment="byol", crop_scale=(0.08, 1.0), with_labels=True,
+                        input_context=None, shuffle_buffer=10_000, seed=0, download=False,
+                        channels=None):
+    """Endless, shuffled batches of two augmented views of each image.
+
+    Returns a tf.data.Dataset of {"view_1": [B, S, S, C] float32 in [0, 1], "view_2": same,
+    "label": [B] int32 (only with with_labels=True and a labelled split)}, B = the per-replica
+    batch size under an input_context (batch_size is global), else batch_size; S = image_size.
+    channels: 1 or 3, default the dataset's own (1 for Fashion-MNIST, 3 for folders).
+    """
+    source = sources.resolve(dataset, split, data_dir, download, channels)
+    info = source.info
+    shard, local_batch = _sharding(input_context, batch_size)
+    _check_enough(info, info.num_examples, batch_size, local_batch, shard)
+    channels = info.image_shape[-1]
+    augment_1, augment_2 = _view_augmenters(image_size, augment, channels, crop_scale, seed)
+    keep_labels = with_labels and info.has_labels
+
+    ds = source.read(shard=shard, shuffle_seed=seed)
+    ds = _maybe_cache(ds, info, info.num_examples // (shard[0] if shard else 1))
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.repeat()
+
+    def two_views(images, labels):
+        # [H, W, C] or [B, H, W, C]: the augmenters draw every random choice per image either way.
+        images = tf.image.convert_image_dtype(images, tf.float32)
+        views = {"view_1": augment_1(images), "view_2": augment_2(images)}
+        if keep_labels:
+            views["label"] = labels
+        return views
+
+    if info.image_shape[0] and info.image_shape[1]:
+        # Same-size images: augmenting whole batches is several times faster than one by one.
+        ds = ds.batch(local_batch, drop_remainder=True)
+        ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.with_options(_options(shard)).prefetch(tf.data.AUTOTUNE)
+
+
+def _options(shard):
+    options = tf.data.Options()
+    if shard is not None:  # Already split per input pipeline: no second sharding by tf.distribute.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return options
+
+
+def resize_and_centre_crop(image, image_size):
+    """[H, W, C] float image -> [image_size, image_size, C]: shorter side scaled to image_size,
+    then the centre square (a square image is only resized)."""
+    if image.shape[0] == image_size and image.shape[1] == image_size:
+        return image
+    shape = tf.shape(image)
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    scale = image_size / tf.minimum(height, width)
+    new_height = tf.maximum(image_size, tf.cast(tf.round(height * scale), tf.int32))
+    new_width = tf.maximum(image_size, tf.cast(tf.round(width * scale), tf.int32))
+    image = tf.image.resize(image, [new_height, new_width], antialias=True)
+    top, left = (new_height - image_size) // 2, (new_width - image_size) // 2
+    image = image[top:top + image_size, left:left + image_size]
+    image.set_shape([image_size, image_size, None])
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def random_crop_flip(image, image_size, scale=(0.08, 1.0)):
+    """Random resized crop (area fraction `scale`, aspect 3/4..4/3) and left-right flip, [H, W, C]."""
+    begin, size, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), area_range=scale,
+        aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10, use_image_if_no_bounding_boxes=True)
+    image = tf.slice(image, begin, size)
+    image = tf.image.resize(image, [image_size, image_size], antialias=True)
+    return tf.clip_by_value(tf.image.random_flip_left_right(image), 0.0, 1.0)
+
+
+def _evaluation_source(dataset, split, data_dir, label_fraction, seed, download, channels):
+    """(source, subset indices or None); ImageNet's official 1 % / 10 % subsets when they apply."""
+    subset_name = _IMAGENET_SUBSETS.get(label_fraction)
+    if label_fraction is not None and dataset == "imagenet2012" and split == "train" and subset_name:
+        return sources.resolve(subset_name, split, data_dir, download, channels), None
+    source = sources.resolve(dataset, split, data_dir, download, channels)
+    if label_fraction is None:
+        return source, None
+    subsets.subset_size(label_fraction, source.info.num_examples)  # Fail before reading labels.
+    return source, subsets.balanced_subset(source.labels(), label_fraction, seed)
+
+
+def evaluation_dataset(dataset, split, data_dir=None, batch_size=256, image_size=32,
+                       label_fraction=None, seed=0, augment=None, input_context=None,
+                       repeat=False, shuffle=False, download=False, channels=None,
+                       shuffle_buffer=10_000):
+    """Batches of (images [B, S, S, C] float32 in [0, 1], labels [B] int32; -1 when unlabelled).
+
+    Images are resized (shorter side to S, centre square) or, with augment="crop_flip", randomly
+    cropped and flipped (for training a linear classifier). label_fraction keeps a seeded,
+    class-balanced subset of exactly round(fraction * N) examples (ImageNet: the official TFDS
+    `imagenet2012_subset` for 0.01 / 0.1). The last batch is partial unless repeat=True.
+    """
+    if augment not in EVAL_AUGMENTATIONS:
+        raise ValueError(f"Evaluation augment must be one of {EVAL_AUGMENTATIONS}, got {augment!r}.")
+    source, indices = _evaluation_source(dataset, split, data_dir, label_fraction, seed, download,
+                                         channels)
+    info = source.info
+    shard, local_batch = _sharding(input_context, batch_size)
+    count = info.num_examples if indices is None else len(indices)
+    if repeat:
+        _check_enough(info, count, batch_size, local_batch, shard)
+    elif count == 0:
+        _check_enough(info, count, 1, 1, None)
+
+    ds = source.read(shard=shard, indices=indices, shuffle_seed=seed if shuffle else None)
+    ds = _maybe_cache(ds, info, count // (shard[0] if shard else 1))
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+
+    def prepare(image, label):
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        if augment == "crop_flip":
+            return random_crop_flip(image, image_size), label
+        return resize_and_centre_crop(image, image_size), label
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=repeat)
+    return ds.with_options(_options(shard)).prefetch(tf.data.AUTOTUNE)
+
+
+def dataset_info(dataset, split="train", data_dir=None, download=False, channels=None):
+    """DatasetInfo(name, num_examples, num_classes, image_shape, class_names, ...) of one split,
+    without decoding images (folders are scanned; the embedded set is prepared on first use)."""
+    return sources.resolve(dataset, split, data_dir, download, channels).info
+
+
+def load_arrays(dataset, split, data_dir=None, image_size=None, limit=None, download=False,
+                channels=None):
+    """(images [N, H, W, C] uint8, labels [N] int32; -1 when unlabelled) of the first `limit`
+    examples in the split's fixed order; image_size resizes (and centre-crops) to a square."""
+    source = sources.resolve(dataset, split, data_dir, download, channels)
+    height, width, _ = source.info.image_shape
+    if image_size is None and not (height and width):
+        raise ValueError(f"Images of {dataset!r} differ in size; pass image_size to load_arrays.")
+    ds = source.read()
+    if limit is not None:
+        ds = ds.take(limit)
+    if image_size is not None:
+        def resize(image, label):
+            image = resize_and_centre_crop(tf.image.convert_image_dtype(image, tf.float32),
+                                           image_size)
+            return tf.image.convert_image_dtype(image, tf.uint8, saturate=True), label
+        ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE)
+    images, labels = [], []
+    for image_batch, label_batch in ds.batch(1024).prefetch(2):
+        images.append(image_batch.numpy())
+        labels.append(label_batch.numpy())
+    if not images:
+        raise ValueError(f"Dataset {dataset!r} split {split!r} has no images to load.")
+    return np.concatenate(images), np.concatenate(labels).astype(np.int32)

@@ -1,0 +1,207 @@
+"""Where images come from: dataset names resolved to TFDS builders or image folders, checked up front.
+
+Every source yields (image [H, W, C] uint8, label int32 scalar, -1 when unlabelled) in a fixed order,
+so subsets and shards are reproducible. Nothing is downloaded unless `download=True`: a TFDS dataset
+that is not prepared raises `DatasetNotPreparedError` at once (a plain `tfds.load` offline retries
+DNS for minutes). The shipped Fashion-MNIST builder prepares itself from local files.
+"""
+
+import dataclasses
+import difflib
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from nnclr_tf.data import folders, subsets, tfds_builder
+
+ALIASES = {"embedded": f"{tfds_builder.BUILDER_NAME}/embedded",
+           "fashion_mnist_full": f"{tfds_builder.BUILDER_NAME}/full"}
+
+
+class DatasetNotPreparedError(ValueError):
+    """A TFDS dataset is not prepared in the data directory and downloading was not requested."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Metadata of one split of a dataset, known without decoding its images.
+
+    image_shape: (height, width, channels) as delivered; height and width are None when they vary.
+    skipped_files: (path, reason) of files an image folder holds that are not readable images.
+    """
+    name: str
+    num_examples: int
+    num_classes: int
+    image_shape: tuple
+    class_names: tuple
+    split: str = "train"
+    has_labels: bool = True
+    source: str = ""
+    skipped_files: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A resolved dataset split: its info and how to read it.
+
+    read(shard=None, indices=None, shuffle_seed=None) -> tf.data.Dataset of (uint8 image, int32 label):
+    `indices` keeps those positions of the deterministic order, `shard=(count, index)` then keeps
+    one of `count` disjoint parts, `shuffle_seed` (no indices) shuffles the order of files read.
+    labels() -> [N] int32 labels of all examples, in that order.
+    """
+    info: DatasetInfo
+    read: object
+    labels: object
+
+
+def to_channels(image, channels):
+    """[H, W, c] uint8 -> [H, W, channels] uint8 (RGB <-> grayscale, alpha dropped)."""
+    have = image.shape[-1]
+    if have in (2, 4):
+        image = image[..., :have - 1]
+        have -= 1
+    if have == channels:
+        return image
+    if channels == 3:
+        return tf.image.grayscale_to_rgb(image)
+    return tf.image.rgb_to_grayscale(image)
+
+
+def _is_folder(name):
+    """Paths that start like paths are folders; an existing folder that is no TFDS name is too."""
+    expanded = os.path.expanduser(name)
+    if name.startswith((os.sep, ".", "~")):
+        return True
+    base = name.split("/")[0].split(":")[0]
+    return os.path.isdir(expanded) and base not in tfds.list_builders(with_community_datasets=False)
+
+
+def _checked_builder(name, data_dir, download):
+    """tfds builder for `name`, prepared; the clear error when it cannot be without downloading."""
+    base = name.split("/")[0].split(":")[0]
+    known = tfds.list_builders(with_community_datasets=False)
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=5, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `tfds.list_builders()`."
+        raise ValueError(f"Unknown dataset {name!r}: it is neither a TFDS name, an alias "
+                         f"({', '.join(ALIASES)}) nor an existing folder; {hint}")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except (ValueError, KeyError, AssertionError) as error:
+        raise ValueError(f"Cannot load TFDS dataset {name!r}: {error}") from error
+    if base == tfds_builder.BUILDER_NAME:
+        if builder.builder_config.name == "full" and not builder.is_prepared():
+            tfds_builder.debian_files()  # The apt-get hint, before TFDS starts.
+        builder.download_and_prepare()  # Local files only; a no-op once prepared.
+    elif not builder.is_prepared():
+        if download:
+            builder.download_and_prepare()
+        else:
+            raise DatasetNotPreparedError(_not_prepared_message(name, builder, data_dir))
+    return builder
+
+
+def _not_prepared_message(name, builder, data_dir):
+    root = os.fspath(builder.data_dir_root)
+    searched = root if data_dir else ", ".join(
+        os.fspath(d) for d in tfds.core.utils.file_utils.list_data_dirs())
+    how = (f"put the files it needs in {root}/downloads/manual (see its manual download "
+           f"instructions), then run `tfds build {name} --data_dir={root}`"
+           if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else
+           f"run `tfds build {name} --data_dir={root}` (or "
+           f"tfds.builder({name!r}, data_dir=...).download_and_prepare()) on a machine with "
+           f"internet access and copy the folder {name.split('/')[0]}/ into {root}, or pass "
+           "download=True")
+    elsewhere = ""
+    if data_dir:
+        default = tfds.builder(name)
+        if default.is_prepared():
+            elsewhere = f" A prepared copy exists under {default.data_dir_root}: pass that data_dir."
+    return (f"TFDS dataset {name!r} is not prepared in data_dir {searched} and nothing is "
+            f"downloaded unless asked: {how}.{elsewhere}")
+
+
+def _split_has_labels(features, split):
+    return "label" in features and "unlabel" not in str(split)
+
+
+def _tfds_source(dataset, name, split, data_dir, download, channels):
+    builder = _checked_builder(name, data_dir, download)
+    features = builder.info.features
+    if "image" not in features:
+        raise ValueError(f"TFDS dataset {name!r} has no 'image' feature (it has "
+                         f"{', '.join(features)}); pick an image classification dataset.")
+    try:
+        num_examples = builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"Split {split!r} is not available for {name!r}: {error}") from error
+    has_labels = _split_has_labels(features, split)
+    label_feature = features["label"] if "label" in features else None
+    class_names = tuple(label_feature.names) if label_feature is not None else ()
+    height, width, native = features["image"].shape
+    channels = channels or native or 3
+    info = DatasetInfo(name=dataset, num_examples=num_examples, num_classes=len(class_names),
+                       image_shape=(height, width, channels), class_names=class_names,
+                       split=split, has_labels=has_labels, source=f"tfds:{builder.info.full_name}")
+
+    def to_pair(example):
+        label = tf.cast(example["label"], tf.int32) if has_labels else tf.constant(-1, tf.int32)
+        return to_channels(example["image"], channels), label
+
+    def read(shard=None, indices=None, shuffle_seed=None):
+        config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+        part = split
+        if shard is not None and indices is None:
+            part = tfds.even_splits(split, shard[0])[shard[1]]
+        ds = builder.as_dataset(split=part, read_config=config,
+                                shuffle_files=shuffle_seed is not None and indices is None)
+        if indices is not None:
+            ds = subsets.keep_indices(ds, indices, num_examples)
+            if shard is not None:
+                ds = ds.shard(shard[0], shard[1])
+        return ds.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def labels():
+        if not has_labels:
+            return np.full([num_examples], -1, np.int32)
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+        ds = ds.map(lambda ex: tf.cast(ex["label"], tf.int32)).batch(8192)
+        return np.concatenate([batch.numpy() for batch in ds] or [np.zeros([0], np.int32)])
+
+    return Source(info=info, read=read, labels=labels)
+
+
+def _folder_source(dataset, split, channels):
+    scan = folders.scan_folder(dataset, split)
+    channels = channels or 3
+    info = DatasetInfo(name=dataset, num_examples=len(scan.paths),
+                       num_classes=len(scan.class_names), image_shape=(None, None, channels),
+                       class_names=scan.class_names, split=split, has_labels=scan.has_labels,
+                       source=f"folder:{scan.root}", skipped_files=scan.skipped)
+
+    def read(shard=None, indices=None, shuffle_seed=None):
+        del shuffle_seed  # Files are shuffled as examples, later in the pipeline.
+        positions = np.arange(len(scan.paths)) if indices is None else np.asarray(indices)
+        if shard is not None:
+            positions = positions[shard[1]::shard[0]]
+        ds = folders.folder_dataset(scan, positions)
+        return ds.map(lambda image, label: (to_channels(image, channels), label),
+                      num_parallel_calls=tf.data.AUTOTUNE)
+
+    return Source(info=info, read=read, labels=lambda: scan.labels.copy())
+
+
+def resolve(dataset, split="train", data_dir=None, download=False, channels=None):
+    """Source for a dataset name ("embedded", "fashion_mnist_full", a TFDS name, or a folder)."""
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 or 3 (or None for the dataset's own), got {channels}.")
+    if not isinstance(dataset, str) or not dataset:
+        raise ValueError(f"dataset must be a non-empty name or folder path, got {dataset!r}.")
+    if dataset in ALIASES or dataset.split("/")[0] == tfds_builder.BUILDER_NAME:
+        return _tfds_source(dataset, ALIASES.get(dataset, dataset), split, data_dir, False, channels)
+    if _is_folder(dataset):
+        return _folder_source(dataset, split, channels)
+    return _tfds_source(dataset, dataset, split, data_dir, download, channels)
