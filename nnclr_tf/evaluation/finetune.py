@@ -1,0 +1,70 @@
+"""Semi-supervised fine-tuning (the paper's 1 % / 10 % ImageNet protocol) of a copy of the encoder.
+
+results, classifier = fine_tune(encoder, labelled_train_ds, test_ds, num_classes=1000,
+                                epochs=30, learning_rate=0.05)
+"""
+
+import keras
+
+from nnclr_tf.evaluation.linear import (
+    check_finite,
+    compile_classifier,
+    evaluate_classifier,
+    steps_in,
+)
+
+
+def copy_encoder(encoder):
+    """A trainable copy of `encoder` with the same weights (the caller's model is never touched)."""
+    try:
+        copy = keras.models.clone_model(encoder)
+    except Exception as error:  # clone_model raises several types for models it cannot rebuild
+        raise ValueError(
+            f"Cannot copy encoder {encoder.name!r} with keras.models.clone_model ({error}); pass a "
+            "functional or serializable keras.Model."
+        ) from error
+    copy.set_weights(encoder.get_weights())
+    copy.trainable = True
+    return copy
+
+
+def fine_tune(
+    encoder,
+    train_ds,
+    test_ds,
+    num_classes,
+    epochs,
+    learning_rate,
+    momentum=0.9,
+    weight_decay=0.0,
+    steps_per_epoch=None,
+    verbose=0,
+):
+    """Fine-tunes a copy of the encoder plus a linear head end to end on labelled data.
+
+    Args:
+      encoder: keras.Model, images [batch, H, W, C] float in [0, 1] -> features [batch, D]; copied
+        with clone_model + set_weights, so its own weights stay as they were.
+      train_ds: (images, labels) batches (e.g. the 1 % or 10 % subset, augmented by the caller);
+        test_ds: finite, un-augmented.
+      epochs, learning_rate, momentum, weight_decay: SGD with momentum, cosine decay to 0.
+
+    Returns:
+      (dict(top1, top5 (num_classes >= 5)) on test_ds, the fine-tuned classifier keras.Model mapping
+      images to logits [batch, num_classes]).
+    """
+    steps = steps_in(train_ds, steps_per_epoch)
+    check_finite(test_ds, "test_ds")
+    backbone = copy_encoder(encoder)
+    inputs = keras.Input(shape=tuple(train_ds.element_spec[0].shape[1:]), name="images")
+    logits = keras.layers.Dense(num_classes, dtype="float32", name="classifier_head")(
+        backbone(inputs)
+    )
+    classifier = keras.Model(inputs, logits, name="fine_tuned")
+    compile_classifier(
+        classifier, learning_rate, epochs * steps, momentum, weight_decay, num_classes
+    )
+    classifier.fit(
+        train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False
+    )
+    return evaluate_classifier(classifier, test_ds, num_classes), classifier
