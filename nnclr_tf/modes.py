@@ -1,0 +1,95 @@
+"""What each `nnclr` mode does, given a validated Config. No flags here: the CLI passes the config."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from nnclr_tf import evaluate
+from nnclr_tf.config import Config
+from nnclr_tf.data import dataset_info, evaluation_dataset
+from nnclr_tf.runs import RunDir, write_json
+
+log = logging.getLogger("nnclr_tf")
+
+
+def pretrain(config: Config, output=None) -> dict:
+    from nnclr_tf import train
+    return train.pretrain(config).report
+
+
+def _pretrained(config: Config):
+    from nnclr_tf import train
+    model, saved = train.load_pretrained(config.run.model_dir)
+    return model, saved
+
+
+def _eval_datasets(config: Config, augment_train=None, label_fraction=None):
+    d, e = config.data, config.eval
+    info = dataset_info(d.dataset, d.eval_train_split, data_dir=d.data_dir)
+    train = evaluation_dataset(d.dataset, d.eval_train_split, data_dir=d.data_dir,
+                               batch_size=e.linear_batch_size, image_size=d.image_size,
+                               augment=augment_train, label_fraction=label_fraction,
+                               seed=config.run.seed, shuffle=augment_train is not None)
+    test = evaluation_dataset(d.dataset, d.eval_split, data_dir=d.data_dir,
+                              batch_size=e.linear_batch_size, image_size=d.image_size)
+    return info, train, test
+
+
+def _finish(config: Config, results, name: str) -> dict:
+    text = evaluate.write_results(results, config.run.model_dir, name)
+    print(text, flush=True)
+    return results
+
+
+def knn(config: Config, output=None) -> dict:
+    model, _ = _pretrained(config)
+    info, train, test = _eval_datasets(config)
+    bank_x, bank_y = evaluate.extract_features(model.encoder, train)
+    query_x, query_y = evaluate.extract_features(model.encoder, test)
+    result = evaluate.knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=info.num_classes,
+                                   k=config.eval.knn_k, temperature=config.eval.knn_temperature)
+    return _finish(config, {"protocol": "knn", "dataset": config.data.dataset,
+                            "k": config.eval.knn_k, **result}, "knn")
+
+
+def linear_eval(config: Config, output=None) -> dict:
+    model, _ = _pretrained(config)
+    e = config.eval
+    info, train, test = _eval_datasets(config, augment_train="crop_flip")
+    result = evaluate.linear_evaluation(model.encoder, train, test, num_classes=info.num_classes,
+                                        epochs=e.linear_epochs, learning_rate=e.linear_learning_rate)
+    return _finish(config, {"protocol": "linear_eval", "dataset": config.data.dataset, **result},
+                   "linear_eval")
+
+
+def finetune(config: Config, output=None) -> dict:
+    model, _ = _pretrained(config)
+    e = config.eval
+    info, train, test = _eval_datasets(config, augment_train="crop_flip", label_fraction=e.label_fraction)
+    result = evaluate.fine_tune(model.encoder, train, test, num_classes=info.num_classes,
+                                epochs=e.finetune_epochs, learning_rate=e.finetune_learning_rate)
+    scores = result[0] if isinstance(result, tuple) else result
+    return _finish(config, {"protocol": "finetune", "label_fraction": e.label_fraction,
+                            "dataset": config.data.dataset, **scores}, "finetune")
+
+
+def transfer(config: Config, output=None) -> dict:
+    model, _ = _pretrained(config)
+    rows = evaluate.transfer_suite(model.encoder, config.eval.transfer_datasets or None,
+                                   data_dir=config.data.data_dir, image_size=config.data.image_size)
+    return _finish(config, rows, "transfer")
+
+
+def export(config: Config, output=None) -> dict:
+    model, _ = _pretrained(config)
+    from nnclr_tf.export import export_encoder
+    run_dir = RunDir(config.run.model_dir)
+    _, input_shape, _ = run_dir.read_claim()
+    path = output or run_dir.saved_model
+    export_encoder(model.encoder, path, image_size=input_shape[0], channels=input_shape[-1],
+                   projection_head=model.projection_head, overwrite=output is None)
+    print(f"SavedModel written to {os.path.abspath(path)}", flush=True)
+    result = {"saved_model": path}
+    write_json(run_dir.file("export.json"), result)
+    return result

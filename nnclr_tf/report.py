@@ -1,0 +1,106 @@
+"""The end-of-run report: kNN and linear-probe top-1 of the trained encoder beside a random one,
+the exported SavedModel, and the pictures (training curves, nearest-neighbour grid)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from nnclr_tf import backbones, evaluate, pictures
+from nnclr_tf.config import Config
+from nnclr_tf.data import evaluation_dataset, load_arrays
+from nnclr_tf.runs import RunDir, write_json
+
+log = logging.getLogger("nnclr_tf")
+
+
+def _features(encoder, config: Config, split: str, limit: int):
+    d = config.data
+    batch = 256
+    dataset = evaluation_dataset(d.dataset, split, data_dir=d.data_dir, batch_size=batch,
+                                 image_size=d.image_size)
+    if limit:
+        dataset = dataset.take(math.ceil(limit / batch))
+    features, labels = evaluate.extract_features(encoder, dataset)
+    return features[:limit or None], labels[:limit or None]
+
+
+def encoder_scores(encoder, config: Config, num_classes: int) -> dict:
+    """kNN and linear-probe top-1 on the eval split, the bank / training set being eval_train_split."""
+    d, e = config.data, config.eval
+    train_x, train_y = _features(encoder, config, d.eval_train_split, e.max_eval_examples)
+    test_x, test_y = _features(encoder, config, d.eval_split, e.max_eval_examples)
+    knn = evaluate.knn_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes,
+                                k=min(e.knn_k, len(train_x)), temperature=e.knn_temperature)
+    linear = evaluate.linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes)
+    return {"knn_top1": float(knn["top1"]), "linear_top1": float(linear["top1"])}
+
+
+def random_encoder(config: Config, input_shape):
+    m = config.model
+    return backbones.build_backbone(m.backbone, input_shape=input_shape,
+                                    width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem)
+
+
+def neighbour_picture(model, config: Config, path: str, class_names=None, queries: int = 8,
+                      k: int = 8) -> str:
+    """Test images beside their nearest neighbours among training images embedded as a support set."""
+    d = config.data
+    support_size = min(config.model.queue_size, 4096)
+    support_images, support_labels = load_arrays(d.dataset, d.eval_train_split, data_dir=d.data_dir,
+                                                 image_size=d.image_size, limit=support_size)
+    query_images, query_labels = load_arrays(d.dataset, d.eval_split, data_dir=d.data_dir,
+                                             image_size=d.image_size, limit=512)
+    # One query per class where possible, so the grid shows the whole label space.
+    _, first = np.unique(query_labels, return_index=True)
+    chosen = np.sort(first)[:queries]
+    query_images, query_labels = query_images[chosen], query_labels[chosen]
+    indices = pictures.nearest_neighbour_images(model.encoder, query_images, support_images, k=k,
+                                                projection_head=model.projection_head)
+    pictures.plot_neighbour_grid(query_images, support_images[indices], path,
+                                 query_labels=query_labels, neighbour_labels=support_labels[indices],
+                                 class_names=class_names)
+    return path
+
+
+def write_report(model, config: Config, run_dir: RunDir, input_shape, info) -> dict:
+    report = {"dataset": config.data.dataset, "eval_split": config.data.eval_split,
+              "steps": int(model.optimizer.iterations.numpy()), "model_dir": run_dir.path}
+    if config.run.export:
+        report["saved_model"] = run_dir.export(model, input_shape)
+    if info.num_classes > 0:
+        report["trained"] = encoder_scores(model.encoder, config, info.num_classes)
+        report["random_init"] = encoder_scores(random_encoder(config, input_shape), config,
+                                               info.num_classes)
+    curves = run_dir.file("training_curves.png")
+    pictures.plot_training_curves(pictures.read_csv_log(run_dir.csv_log), curves)
+    report["pictures"] = [curves]
+    if info.num_classes > 0:
+        report["pictures"].append(neighbour_picture(model, config, run_dir.file("neighbours.png"),
+                                                     class_names=info.class_names))
+    report["tensorboard"] = run_dir.tensorboard
+    write_json(run_dir.file("report.json"), report)
+    text = format_report(report)
+    with open(run_dir.file("report.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    print(text, flush=True)
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"## NNCLR report: {report['dataset']} ({report['steps']} training steps)", ""]
+    if "trained" in report:
+        lines += [f"| encoder | kNN top-1 | linear-probe top-1 |  (on the {report['eval_split']} split)",
+                  "| --- | --- | --- |"]
+        for name in ("trained", "random_init"):
+            scores = report[name]
+            lines.append(f"| {name.replace('_', ' ')} | {scores['knn_top1']:.4f} | "
+                         f"{scores['linear_top1']:.4f} |")
+        lines.append("")
+    if "saved_model" in report:
+        lines.append(f"SavedModel (serving signature): {report['saved_model']}")
+    lines.append(f"Pictures: {', '.join(report['pictures'])}")
+    lines.append(f"TensorBoard: tensorboard --logdir {report['tensorboard']}")
+    return "\n".join(lines) + "\n"

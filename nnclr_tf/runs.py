@@ -1,0 +1,162 @@
+"""The model directory of a run: its config, checkpoints, logs, export and report, and never losing them.
+
+Layout of `run.model_dir`:
+    config.json            the config and input shape of the run (a different architecture is refused)
+    checkpoints/           tf.train checkpoints of model (with its support set) and optimizer
+    logs/                  TensorBoard events;  training_log.csv: per-epoch metrics
+    saved_model/           the exported encoder (serving signature);  nnclr.keras: the full model
+    report.json, report.md, training_curves.png, neighbours.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from nnclr_tf.config import Config, ConfigError, from_dict
+
+log = logging.getLogger("nnclr_tf")
+
+# Fields that change the shape of the saved variables: a model dir refuses a run that changes them.
+ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "cifar_stem", "projection_hidden_dims",
+                       "projection_dim", "prediction_hidden_dims", "queue_size", "online_probe")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint was kept."""
+
+
+def write_json(path: str, values) -> None:
+    """Writes JSON atomically (a crash never leaves a half-written file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(values, handle, indent=2, sort_keys=True, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+class RunDir:
+    def __init__(self, model_dir: str):
+        self.path = model_dir
+        self.config_file = os.path.join(model_dir, "config.json")
+        self.checkpoints = os.path.join(model_dir, "checkpoints")
+        self.tensorboard = os.path.join(model_dir, "logs")
+        self.csv_log = os.path.join(model_dir, "training_log.csv")
+        self.saved_model = os.path.join(model_dir, "saved_model")
+        self.keras_file = os.path.join(model_dir, "nnclr.keras")
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def claim(self, config: Config, input_shape, num_classes: int) -> None:
+        """Records the run's config; refuses a model dir whose checkpoints have another architecture."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"run.model_dir {self.path!r} is a file, not a directory; choose another path.")
+        if os.path.exists(self.config_file) and tf.train.latest_checkpoint(self.checkpoints):
+            old_config, old_shape, old_classes = self.read_claim()
+            changed = [f"model.{name}" for name in ARCHITECTURE_FIELDS
+                       if getattr(old_config.model, name) != getattr(config.model, name)]
+            if tuple(old_shape) != tuple(input_shape):
+                changed.append(f"input shape {tuple(old_shape)} -> {tuple(input_shape)}")
+            if old_classes != num_classes and config.model.online_probe:
+                changed.append(f"number of classes {old_classes} -> {num_classes}")
+            if changed:
+                raise ConfigError(
+                    f"Model dir {self.path!r} holds a checkpoint of a different architecture "
+                    f"({', '.join(changed)}); use a new --model_dir or the original settings.")
+        os.makedirs(self.path, exist_ok=True)
+        write_json(self.config_file, {"config": config.to_dict(), "input_shape": list(input_shape),
+                                      "num_classes": num_classes})
+
+    def read_claim(self) -> tuple[Config, tuple[int, int, int], int]:
+        try:
+            with open(self.config_file, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            return from_dict(saved["config"]), tuple(saved["input_shape"]), int(saved["num_classes"])
+        except FileNotFoundError:
+            raise ConfigError(f"Model dir {self.path!r} holds no config.json; "
+                              "is it the --model_dir of a pretraining run?") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{self.config_file!r} is not a valid run config ({error}); "
+                              "it may be corrupted.") from error
+
+    def checkpoint_manager(self, model, optimizer) -> tf.train.CheckpointManager:
+        # Build the optimizer's slots now so a restore fills them instead of deferring.
+        optimizer.build(model.trainable_variables)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        return tf.train.CheckpointManager(checkpoint, self.checkpoints, max_to_keep=3)
+
+    def restore(self, manager: tf.train.CheckpointManager) -> int:
+        """Restores the latest checkpoint, if any; returns the step it was taken at (0 if none)."""
+        latest = manager.latest_checkpoint
+        if latest is None:
+            return 0
+        try:
+            manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, AssertionError) as error:
+            raise ConfigError(
+                f"Checkpoint {latest!r} could not be restored ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200]}); it may be corrupted or from another model: move "
+                "it away to resume from an older one, or use a new --model_dir.") from error
+        step = int(manager.checkpoint.optimizer.iterations.numpy())
+        log.info("Resumed from %s at step %d.", latest, step)
+        return step
+
+    def export(self, model, input_shape) -> str:
+        from nnclr_tf.export import export_encoder
+        export_encoder(model.encoder, self.saved_model, image_size=input_shape[0],
+                       channels=input_shape[-1], projection_head=model.projection_head, overwrite=True)
+        return self.saved_model
+
+    def save_model(self, model) -> str:
+        from nnclr_tf.export import save_full_model
+        save_full_model(model, self.keras_file)
+        return self.keras_file
+
+
+def weights_finite(model: keras.Model) -> bool:
+    return all(bool(tf.reduce_all(tf.math.is_finite(v.value))) for v in model.trainable_variables)
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves every `every_steps` optimizer steps; stops, without saving, when the loss is not finite."""
+
+    def __init__(self, manager: tf.train.CheckpointManager, every_steps: int):
+        super().__init__()
+        self.manager = manager
+        self.every_steps = every_steps
+        self.diverged_at = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            self.diverged_at = step
+            self.model.stop_training = True
+            return
+        if step % self.every_steps == 0:
+            save_checkpoint(self.manager, self.model)
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, model: keras.Model) -> None:
+    """Saves at the current step, unless the weights hold NaN/Inf (then the old checkpoints stay)."""
+    step = int(model.optimizer.iterations.numpy())
+    if not weights_finite(model):
+        log.error("Not saving step %d: the weights are not finite.", step)
+        return
+    latest = manager.latest_checkpoint
+    if latest is None or not latest.endswith(f"-{step}"):
+        manager.save(checkpoint_number=step)

@@ -1,0 +1,199 @@
+"""The pretraining job: config in, trained encoder, checkpoints, export and report out.
+
+    from nnclr_tf import config as cfg, train
+    result = train.pretrain(cfg.get_preset("demo"))
+    result.model.encoder          # the trained keras.Model
+    result.report                 # dict with kNN / linear-probe numbers and the paths written
+
+Running the same config again with the same run.model_dir resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import keras
+import tensorflow as tf
+
+from nnclr_tf import backbones, distribute, optim
+from nnclr_tf.config import Config, ConfigError, validate
+from nnclr_tf.data import dataset_info, pretraining_dataset
+from nnclr_tf.model import NNCLR
+from nnclr_tf.runs import CheckpointCallback, RunDir, TrainingDivergedError, save_checkpoint
+
+log = logging.getLogger("nnclr_tf")
+
+
+@dataclasses.dataclass
+class PretrainResult:
+    model: NNCLR
+    history: dict
+    report: dict
+    model_dir: str
+
+
+def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: int) -> NNCLR:
+    """Builds the NNCLR model of `config` for images of `input_shape`; call inside strategy.scope()."""
+    m = config.model
+    encoder = backbones.build_backbone(
+        m.backbone, input_shape=input_shape, width_multiplier=m.width_multiplier,
+        cifar_stem=m.cifar_stem, synchronized_bn=m.synchronized_bn)
+    model = NNCLR(
+        encoder,
+        projection_hidden_dims=m.projection_hidden_dims, projection_dim=m.projection_dim,
+        prediction_hidden_dims=m.prediction_hidden_dims, queue_size=m.queue_size,
+        temperature=m.temperature, positive=m.positive, top_k=m.top_k,
+        transposed_loss=m.transposed_loss, num_classes=num_classes if m.online_probe else 0,
+        synchronized_bn=m.synchronized_bn)
+    model.build((None, *input_shape))
+    return model
+
+
+def schedule_steps(config: Config, num_examples: int) -> tuple[int, int]:
+    """Returns (steps_per_epoch, total_steps) for the global batch."""
+    o = config.optim
+    steps_per_epoch = max(1, num_examples // o.batch_size)
+    total = o.train_steps if o.train_steps > 0 else o.epochs * steps_per_epoch
+    return min(steps_per_epoch, total), total
+
+
+def build_optimizer(config: Config, steps_per_epoch: int, total_steps: int) -> keras.optimizers.Optimizer:
+    o = config.optim
+    schedule = optim.WarmupCosine(
+        base_learning_rate=o.base_learning_rate, batch_size=o.batch_size, total_steps=total_steps,
+        warmup_steps=int(round(o.warmup_epochs * steps_per_epoch)), scaling=o.lr_scaling)
+    return optim.build_optimizer(o.optimizer, schedule, weight_decay=o.weight_decay,
+                                 momentum=o.momentum)
+
+
+def check_input(config: Config, channels: int) -> tuple[int, int, int]:
+    """Checks the image size against the backbone before anything expensive; returns input_shape."""
+    m, size = config.model, config.data.image_size
+    smallest = backbones.min_image_size(m.backbone, m.cifar_stem)
+    if size < smallest:
+        raise ConfigError(
+            f"data.image_size={size} is too small for {m.backbone} "
+            f"({'CIFAR' if m.cifar_stem else 'ImageNet'} stem), which needs at least {smallest} pixels; "
+            "raise --image_size or use model.cifar_stem=true.")
+    return (size, size, channels)
+
+
+def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | None = None) -> PretrainResult:
+    """Pretrains NNCLR as configured; resumes from run.model_dir when it holds a checkpoint."""
+    config = validate(config)
+    d, o, r = config.data, config.optim, config.run
+    info = dataset_info(d.dataset, d.train_split, data_dir=d.data_dir)
+    input_shape = check_input(config, info.image_shape[-1])
+    if info.num_examples < o.batch_size:
+        raise ConfigError(
+            f"Dataset {d.dataset!r} split {d.train_split!r} has {info.num_examples} images, fewer than "
+            f"one batch of {o.batch_size}; lower --batch_size or use more data.")
+    run_dir = RunDir(r.model_dir)
+    run_dir.claim(config, input_shape, info.num_classes)  # refuses a model dir of another architecture, before training
+
+    keras.utils.set_random_seed(r.seed)
+    if r.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    precision = distribute.set_precision(r.mixed_precision)
+    strategy = distribute.get_strategy(r.strategy, r.cpu_replicas)
+    steps_per_epoch, total_steps = schedule_steps(config, info.num_examples)
+    log.info("Pretraining %s on %s (%d images): %d steps of %d, %s, %d replica(s).", config.model.backbone,
+             d.dataset, info.num_examples, total_steps, o.batch_size, precision,
+             strategy.num_replicas_in_sync)
+
+    with strategy.scope():
+        model = build_model(config, input_shape, info.num_classes)
+        optimizer = build_optimizer(config, steps_per_epoch, total_steps)
+        model.compile(optimizer=optimizer, jit_compile=r.jit_compile)
+    checkpoints = run_dir.checkpoint_manager(model, optimizer)
+    start_step = run_dir.restore(checkpoints)
+
+    def make_dataset(seed):
+        def dataset_fn(input_context=None):
+            return pretraining_dataset(
+                d.dataset, split=d.train_split, data_dir=d.data_dir, batch_size=o.batch_size,
+                image_size=d.image_size, augment=config.augment.preset,
+                crop_scale=config.augment.crop_scale, with_labels=info.num_classes > 0,
+                input_context=input_context, shuffle_buffer=d.shuffle_buffer, seed=seed,
+                channels=input_shape[-1])
+        if strategy.num_replicas_in_sync > 1:
+            return strategy.distribute_datasets_from_function(dataset_fn)
+        return dataset_fn()
+
+    history: dict[str, list] = {}
+    if start_step < total_steps:
+        checkpoint_callback = CheckpointCallback(checkpoints, every_steps=r.checkpoint_every_steps)
+        fit_callbacks = [
+            checkpoint_callback,
+            keras.callbacks.CSVLogger(run_dir.csv_log, append=True),
+            keras.callbacks.TensorBoard(run_dir.tensorboard, update_freq=r.log_every_steps),
+            *callbacks,
+        ]
+        step = start_step
+        for initial_epoch, epochs, steps in plan_segments(start_step, total_steps, steps_per_epoch):
+            # Each segment draws a fresh data order, seeded by the step it starts at.
+            out = model.fit(make_dataset(r.seed + step), initial_epoch=initial_epoch, epochs=epochs,
+                            steps_per_epoch=steps, callbacks=fit_callbacks, verbose=verbose)
+            for key, values in out.history.items():
+                history.setdefault(key, []).extend(float(v) for v in values)
+            step += (epochs - initial_epoch) * steps
+            if model.stop_training:
+                break
+        if checkpoint_callback.diverged_at is not None:
+            raise TrainingDivergedError(
+                f"Training stopped at step {checkpoint_callback.diverged_at}: the loss is not finite "
+                f"(NaN or Inf). The last good checkpoint in {checkpoints.directory} was kept; lower the "
+                "learning rate or check the input data, then run the same command to resume.")
+        save_checkpoint(checkpoints, model)
+    else:
+        log.info("Model dir %s already holds a finished run (step %d); skipping training.",
+                 r.model_dir, start_step)
+
+    result = PretrainResult(model=model, history=history, report={}, model_dir=r.model_dir)
+    if report if report is not None else r.report:
+        from nnclr_tf.report import write_report  # plotting and evaluation only after training
+        result.report = write_report(model, config, run_dir, input_shape, info)
+    elif r.export:
+        run_dir.export(model, input_shape)
+    run_dir.save_model(model)
+    return result
+
+
+def plan_segments(start_step: int, total_steps: int, steps_per_epoch: int) -> list[tuple[int, int, int]]:
+    """Splits steps [start_step, total_steps) into model.fit calls (initial_epoch, epochs, steps_per_epoch).
+
+    A run resumed mid-epoch first finishes that epoch; whole epochs go in one call; a last partial
+    epoch gets a call of its own. So the epoch numbers shown match an uninterrupted run.
+    """
+    segments = []
+    step = start_step
+    while step < total_steps:
+        epoch, done = divmod(step, steps_per_epoch)
+        if done or total_steps - step < steps_per_epoch:
+            steps = min(steps_per_epoch - done, total_steps - step)
+            segments.append((epoch, epoch + 1, steps))
+            step += steps
+        else:
+            whole = (total_steps - step) // steps_per_epoch
+            segments.append((epoch, epoch + whole, steps_per_epoch))
+            step += whole * steps_per_epoch
+    return segments
+
+
+def load_pretrained(model_dir: str) -> tuple[NNCLR, Config]:
+    """Rebuilds the model saved in `model_dir` (its config.json) and restores its latest checkpoint."""
+    run_dir = RunDir(model_dir)
+    config, input_shape, num_classes = run_dir.read_claim()
+    distribute.set_precision("float32")
+    model = build_model(config, input_shape, num_classes)
+    checkpoint = tf.train.Checkpoint(model=model)
+    latest = tf.train.latest_checkpoint(run_dir.checkpoints)
+    if latest is None:
+        raise ConfigError(f"Model dir {model_dir!r} holds no checkpoint; run `nnclr pretrain` first.")
+    try:
+        checkpoint.restore(latest).expect_partial()
+    except (tf.errors.OpError, ValueError, AssertionError) as error:
+        raise ConfigError(f"Checkpoint {latest!r} could not be read ({type(error).__name__}); "
+                          "it may be corrupted: delete it to fall back to an older one.") from error
+    return model, config

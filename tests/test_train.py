@@ -1,0 +1,96 @@
+"""The pretraining job: segments, resume, refusing another architecture, stopping on NaN."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import parameterized
+
+from nnclr_tf import config as cfg
+from nnclr_tf import train
+from nnclr_tf.runs import TrainingDivergedError
+
+
+def tiny(tmp_path, **overrides):
+    values = {"run.model_dir": str(tmp_path / "run"), "data.data_dir": str(tmp_path.parent / "tfds"),
+              "run.report": "false", "run.export": "false"}
+    values.update(overrides)
+    return cfg.override(cfg.get_preset("tiny"), values)
+
+
+class PlanSegmentsTest(parameterized.TestCase):
+
+    @parameterized.parameters(
+        (0, 30, 10, [(0, 3, 10)]),
+        (0, 25, 10, [(0, 2, 10), (2, 3, 5)]),
+        (13, 30, 10, [(1, 2, 7), (2, 3, 10)]),
+        (13, 15, 10, [(1, 2, 2)]),
+        (30, 30, 10, []),
+    )
+    def test_segments_cover_the_remaining_steps_once(self, start, total, per_epoch, expected):
+        segments = train.plan_segments(start, total, per_epoch)
+        self.assertEqual(segments, expected)
+        self.assertEqual(sum((e - i) * s for i, e, s in segments), total - start)
+
+
+def support_set_rows(model):
+    return np.array(model.support_set.embeddings.numpy())
+
+
+def test_second_run_resumes_from_the_checkpoint(tmp_path):
+    first = train.pretrain(tiny(tmp_path, **{"optim.train_steps": "4"}), verbose=0)
+    assert int(first.model.optimizer.iterations.numpy()) == 4
+    saved_queue = support_set_rows(first.model)
+    assert np.abs(saved_queue).sum() > 0
+
+    resumed_at = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            resumed_at["step"] = int(self.model.optimizer.iterations.numpy())
+            resumed_at["queue"] = support_set_rows(self.model)
+
+    second = train.pretrain(tiny(tmp_path, **{"optim.train_steps": "6"}), verbose=0,
+                            callbacks=[Probe()])
+    assert resumed_at["step"] == 4
+    np.testing.assert_array_equal(resumed_at["queue"], saved_queue)
+    assert int(second.model.optimizer.iterations.numpy()) == 6
+    assert tf.train.latest_checkpoint(os.path.join(tmp_path, "run", "checkpoints")).endswith("-6")
+
+
+def test_model_dir_of_another_architecture_is_refused_and_kept(tmp_path):
+    train.pretrain(tiny(tmp_path, **{"optim.train_steps": "2"}), verbose=0)
+    config_file = tmp_path / "run" / "config.json"
+    before = config_file.read_text()
+    with pytest.raises(cfg.ConfigError, match=r"different architecture \(model.projection_dim"):
+        train.pretrain(tiny(tmp_path, **{"model.projection_dim": "8"}), verbose=0)
+    assert config_file.read_text() == before
+
+
+def test_image_size_too_small_for_the_backbone_is_refused_before_training(tmp_path):
+    config = tiny(tmp_path, **{"data.image_size": "8", "model.cifar_stem": "false"})
+    with pytest.raises(cfg.ConfigError, match="too small for resnet18"):
+        train.pretrain(config, verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    class Poison(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == 3:
+                kernel = self.model.encoder.trainable_variables[0]
+                kernel.assign(tf.fill(kernel.shape, float("nan")))
+
+    config = tiny(tmp_path, **{"optim.train_steps": "8"})
+    with pytest.raises(TrainingDivergedError, match="stopped at step 4: the loss is not finite"):
+        train.pretrain(config, verbose=0, callbacks=[Poison()])
+    latest = tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    assert latest.endswith("-2")
+    reader = tf.train.load_checkpoint(latest)
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            assert np.isfinite(value).all(), name
