@@ -125,7 +125,7 @@ def resnet(
     stage_blocks=(2, 2, 2, 2),
     width_multiplier=1.0,
     cifar_stem=False,
-    synchronized_bn=False,
+    synchronized_bn=True,
     zero_init_residual=True,
     name="resnet",
 ):
@@ -201,13 +201,15 @@ def build_backbone(
     input_shape=(32, 32, 3),
     width_multiplier=1.0,
     cifar_stem=False,
-    synchronized_bn=False,
+    synchronized_bn=True,
     zero_init_residual=True,
 ):
     """Encoder by name: images [batch, H, W, C] in [0, 1] -> features [batch, features].
 
     Feature sizes at width 1: 512 (ResNet-18/34), 2048 (ResNet-50). ResNet-50 supports neither the
     CIFAR stem nor a width multiplier. Read the feature size from `model.output_shape[-1]`.
+    `synchronized_bn` (the default, as in the paper) computes batch-norm statistics over the global
+    batch under tf.distribute; on one device it computes the same statistics.
     """
     _check_name(name)
     input_shape = tuple(input_shape)

@@ -158,7 +158,7 @@ def _preset_fmnist_cpu() -> Config:
         model=ModelConfig(
             backbone="resnet18", width_multiplier=0.25, cifar_stem=True,
             projection_hidden_dims=(512,), projection_dim=128, prediction_hidden_dims=(512,),
-            queue_size=8192, synchronized_bn=False,
+            queue_size=8192,
         ),
         augment=AugmentConfig(preset="crops", crop_scale=(0.25, 1.0)),
         data=DataConfig(dataset="fashion_mnist_full", eval_split="test", image_size=28,

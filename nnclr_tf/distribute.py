@@ -1,9 +1,19 @@
 """Choosing the tf.distribute strategy and the precision policy for a run.
 
-    strategy = get_strategy("auto")            # TPU if one answers, mirrored if > 1 GPU, else default
-    set_precision("auto")                      # bf16 on TPU / AMX CPUs, fp16 on GPUs, else fp32
+    strategy = get_strategy("auto")            # the first of the list below that applies
+    set_precision("auto", strategy)            # bf16 on TPU / AMX CPUs, fp16 on GPUs, else fp32
     with strategy.scope():
         model = ...
+
+Strategies ("auto" takes the first that applies):
+  tpu           TPUStrategy, when a TPU cluster resolver answers (Cloud TPU VM, or TPU_NAME set)
+  multi_worker  MultiWorkerMirroredStrategy, when TF_CONFIG describes a cluster (one process
+                per worker; the Keras 3.15 workarounds it needs live in `nnclr_tf.model`)
+  mirrored      MirroredStrategy over all local GPUs when there are several, else over the
+                logical CPUs that `cpu_replicas=N` splits the CPU into (to test on one machine)
+  default       one device
+Create the strategy before anything else touches TensorFlow's devices: splitting the CPU must
+happen before TensorFlow starts them.
 """
 
 from __future__ import annotations
@@ -14,7 +24,11 @@ import os
 import keras
 import tensorflow as tf
 
-from nnclr_tf.config import ConfigError
+from nnclr_tf.config import STRATEGIES, ConfigError
+
+# Signs of a TPU host: only then is a cluster resolver asked (off TPUs it may wait on the network).
+_TPU_ENVIRONMENT = ("TPU_NAME", "COLAB_TPU_ADDR")
+_TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
 
 
 def split_cpu(replicas: int) -> None:
@@ -36,23 +50,42 @@ def split_cpu(replicas: int) -> None:
                 f"runs with {current} CPU device(s); set it in a fresh process.") from error
 
 
+def _tpu_hinted() -> bool:
+    return (any(name in os.environ for name in _TPU_ENVIRONMENT)
+            or any(os.path.exists(path) for path in _TPU_DEVICE_FILES))
+
+
 def _tpu_resolver():
+    """A connected, initialised TPU cluster resolver, or None when no TPU answers."""
+    tpu = os.environ.get("TPU_NAME", "local")
     try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-        tf.config.experimental_connect_to_cluster(resolver)
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        if tpu != "local":  # a TPU VM's own chips need no connection; a pod or TPU node does
+            tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return resolver
-    except (ValueError, tf.errors.NotFoundError, tf.errors.UnavailableError):
+    except (ValueError, RuntimeError, tf.errors.OpError):
         return None
 
 
+def _tf_config_cluster() -> bool:
+    try:
+        return bool(json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster"))
+    except ValueError as error:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({error}); see BUILD.md, "
+                          "'Distributed training', for an example.") from error
+
+
 def get_strategy(name: str = "auto", cpu_replicas: int = 0) -> tf.distribute.Strategy:
-    """Returns the strategy for `name` in auto | default | mirrored | multi_worker | tpu."""
+    """Returns the strategy `name`, one of auto | default | mirrored | multi_worker | tpu."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"Unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}.")
     split_cpu(cpu_replicas)
     if name == "auto":
-        if "TPU_NAME" in os.environ or os.path.exists("/dev/accel0"):
-            name = "tpu"
-        elif "TF_CONFIG" in os.environ and json.loads(os.environ["TF_CONFIG"]).get("cluster"):
+        resolver = _tpu_resolver() if _tpu_hinted() else None
+        if resolver is not None:
+            return tf.distribute.TPUStrategy(resolver)
+        if _tf_config_cluster():
             name = "multi_worker"
         elif len(tf.config.list_logical_devices("GPU")) > 1 or cpu_replicas > 1:
             name = "mirrored"
@@ -65,16 +98,19 @@ def get_strategy(name: str = "auto", cpu_replicas: int = 0) -> tf.distribute.Str
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
+        if not _tf_config_cluster():
             raise ConfigError("strategy 'multi_worker' needs the TF_CONFIG environment variable "
-                              "describing the cluster; set it on every worker.")
+                              "describing the cluster; set it on every worker (see BUILD.md).")
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        resolver = _tpu_resolver()
-        if resolver is None:
-            raise ConfigError("strategy 'tpu' found no TPU: run on a Cloud TPU VM or set TPU_NAME.")
-        return tf.distribute.TPUStrategy(resolver)
-    raise ConfigError(f"Unknown strategy {name!r}: expected auto, default, mirrored, multi_worker or tpu.")
+    resolver = _tpu_resolver()
+    if resolver is None:
+        raise ConfigError("strategy 'tpu' found no TPU: run on a Cloud TPU VM or set TPU_NAME.")
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def is_tpu(strategy: tf.distribute.Strategy | None) -> bool:
+    return isinstance(strategy, (tf.distribute.TPUStrategy,
+                                 tf.distribute.experimental.TPUStrategy))
 
 
 def cpu_has_amx() -> bool:
@@ -86,19 +122,27 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def resolve_precision(policy: str) -> str:
-    """Maps "auto" to the policy that is fastest on this platform."""
+def resolve_precision(policy: str, strategy: tf.distribute.Strategy | None = None) -> str:
+    """Maps "auto" to the fastest policy for the platform: mixed_bfloat16 on TPU and on CPUs with
+    AMX, mixed_float16 on GPUs (Keras' compile then wraps the optimizer in a LossScaleOptimizer,
+    which NNCLR.train_step uses through `optimizer.scale_loss`), float32 elsewhere."""
+    if policy not in ("auto", "mixed_float16"):
+        return policy  # without looking at devices, which would start TensorFlow's
+    on_tpu = is_tpu(strategy) if strategy is not None else bool(tf.config.list_logical_devices("TPU"))
+    if policy == "mixed_float16" and on_tpu:
+        raise ConfigError("mixed_precision=mixed_float16 does not run on TPUs; use mixed_bfloat16 "
+                          "(or auto).")
     if policy != "auto":
         return policy
-    if tf.config.list_logical_devices("TPU"):
+    if on_tpu:
         return "mixed_bfloat16"
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
     return "mixed_bfloat16" if cpu_has_amx() else "float32"
 
 
-def set_precision(policy: str) -> str:
-    """Sets the global Keras dtype policy and returns the policy set."""
-    policy = resolve_precision(policy)
+def set_precision(policy: str, strategy: tf.distribute.Strategy | None = None) -> str:
+    """Sets the global Keras dtype policy for `strategy`'s platform and returns the policy set."""
+    policy = resolve_precision(policy, strategy)
     keras.mixed_precision.set_dtype_policy(policy)
     return policy

@@ -45,10 +45,10 @@ class ProjectionHead(keras.layers.Layer):
 
     (Dense without bias -> BN -> ReLU) per hidden width, then Dense -> BN without ReLU
     (the paper: batch norm after every layer, ReLU after all but the last).
-    `synchronized_bn` computes the BN statistics over all replicas.
+    `synchronized_bn` (default, as in the paper) computes the BN statistics over all replicas.
     """
 
-    def __init__(self, hidden_dims=(2048, 2048), output_dim=256, synchronized_bn=False,
+    def __init__(self, hidden_dims=(2048, 2048), output_dim=256, synchronized_bn=True,
                  **kwargs):
         super().__init__(**kwargs)
         self.hidden_dims, self.output_dim = _check_dims("ProjectionHead", hidden_dims,
@@ -87,7 +87,7 @@ class ProjectionHead(keras.layers.Layer):
 class PredictionHead(keras.layers.Layer):
     """[batch, dim] -> [batch, output_dim] float32: (Dense -> BN -> ReLU) per hidden, Dense."""
 
-    def __init__(self, hidden_dims=(4096,), output_dim=256, synchronized_bn=False, **kwargs):
+    def __init__(self, hidden_dims=(4096,), output_dim=256, synchronized_bn=True, **kwargs):
         super().__init__(**kwargs)
         self.hidden_dims, self.output_dim = _check_dims("PredictionHead", hidden_dims,
                                                         output_dim)

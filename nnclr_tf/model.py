@@ -46,6 +46,18 @@ def _unpack_views(data):
                      "{'view_1', 'view_2'[, 'label']} or a tuple (view_1, view_2[, label]).")
 
 
+def _logs(metrics):
+    """{name: result} of `metrics`, shaped for the strategy that runs the step."""
+    logs = {m.name: m.result() for m in metrics}
+    strategy = tf.distribute.get_strategy()
+    # Keras 3.15 reduces logs across MultiWorkerMirroredStrategy workers with
+    # strategy.reduce(MEAN, axis=0), which fails on scalars: give them one axis there.
+    if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode()):  # pylint: disable=protected-access
+        logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
+
+
 def _flat_labels(labels):
     return None if labels is None else tf.reshape(tf.cast(labels, tf.int32), [-1])
 
@@ -67,7 +79,8 @@ class NNCLR(keras.Model):
       transposed_loss: add the transposed loss terms (see `nnclr_loss`).
       num_classes: > 0 trains an online linear probe on stop_gradient(features) when batches
         carry labels; 0 disables it.
-      synchronized_bn: BN statistics over all replicas in the heads.
+      synchronized_bn: BN statistics over the global batch (all replicas) in the heads, as in
+        the paper; on one device, the same statistics.
       queue_write_mode: "auto", "scatter" (CPU/GPU) or "assign" (TPU); see `SupportSet`.
 
     Training batches: dict {"view_1", "view_2"[, "label"]} or tuple (view_1, view_2[, label]),
@@ -78,7 +91,7 @@ class NNCLR(keras.Model):
     def __init__(self, encoder, projection_hidden_dims=(2048, 2048), projection_dim=256,
                  prediction_hidden_dims=(4096,), queue_size=98304, temperature=0.1,
                  positive="nn", top_k=1, transposed_loss=False, num_classes=0,
-                 synchronized_bn=False, queue_write_mode="auto", **kwargs):
+                 synchronized_bn=True, queue_write_mode="auto", **kwargs):
         super().__init__(**kwargs)
         if not isinstance(encoder, keras.Model):
             raise ValueError(f"encoder={encoder!r} is not a keras.Model; pass e.g. "
@@ -209,8 +222,10 @@ class NNCLR(keras.Model):
         self.support_set.enqueue(gather(z_1), None if labels is None else gather(labels))
 
         self.loss_tracker.update_state(loss)
-        self.contrastive_acc_tracker.update_state(
-            0.5 * (contrastive_accuracy(anchors_1, p_2) + contrastive_accuracy(anchors_2, p_1)))
+        g_p_1, g_p_2 = gathered[2:] if gathered is not None else (None, None)
+        self.contrastive_acc_tracker.update_state(0.5 * (  # over the global batch's columns
+            contrastive_accuracy(anchors_1, p_2, predictions_global=g_p_2, label_offset=offset)
+            + contrastive_accuracy(anchors_2, p_1, predictions_global=g_p_1, label_offset=offset)))
         logs = [self.loss_tracker, self.contrastive_acc_tracker]
         if labels is not None:
             self.nn_acc_tracker.update_state(
@@ -218,7 +233,21 @@ class NNCLR(keras.Model):
             logs.append(self.nn_acc_tracker)
         if with_probe:
             logs += [self.probe_loss_tracker, self.probe_acc_tracker]
-        return {m.name: m.result() for m in logs}
+        return _logs(logs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 (TensorFlow backend, under a strategy) pulls a first batch and
+        # strategy.reduce()s it to build the model symbolically before fit/evaluate; under
+        # MultiWorkerMirroredStrategy that reduce fails on a dict or tuple batch (and costs a
+        # cross-worker collective). NNCLR creates all its weights in build(), so only the
+        # optimizer can be left to build.
+        if self._distribute_strategy is None or not all(
+                layer.built for layer in self._flatten_layers()):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        with self.distribute_strategy.scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
+        return None
 
     def test_step(self, data):
         if isinstance(data, collections.abc.Mapping):
@@ -235,7 +264,7 @@ class NNCLR(keras.Model):
             raise ValueError("The evaluation batch has no labels; pass (images, labels) batches "
                              "to evaluate the linear probe.")
         self._probe_step(self.encoder(images, training=False), _flat_labels(labels))
-        return {m.name: m.result() for m in (self.probe_loss_tracker, self.probe_acc_tracker)}
+        return _logs((self.probe_loss_tracker, self.probe_acc_tracker))
 
     def get_config(self):
         config = super().get_config()
