@@ -10,9 +10,15 @@ per image from its own `tf.random.Generator`. Not from Keras core's `SeedGenerat
 then advances its state in two ops, so parallel `tf.data.map` calls reuse seeds (14 % of 20,000
 draws here), whereas the generator's read-and-skip is atomic. With `training=False` the layers
 leave pixels unchanged and `RandomResizedCrop` resizes the whole image.
+
+Passing `seed=` to a call (a [2] int tensor, e.g. `tf.random.fold_in([seed, 0], step)`) draws the
+same per-image choices from stateless ops instead, so the output is a function of the images and
+that seed alone (how the pretraining pipeline makes a resumed run see the views an uninterrupted
+one would):  `view_1(images, seed=tf.constant([7, 42]))`.
 """
 
 import math
+import random
 
 import keras
 import tensorflow as tf
@@ -45,11 +51,23 @@ def _stitch(indices, parts, like):
     return tf.ensure_shape(tf.dynamic_stitch(indices, parts), like.shape)
 
 
+def _generator(seed):
+    if seed is not None:
+        return tf.random.Generator.from_seed(seed)
+    try:
+        return tf.random.Generator.from_non_deterministic_state()
+    except (RuntimeError, ValueError):  # refused under tf.config.experimental.enable_op_determinism
+        # Python's RNG is seeded with the rest by keras.utils.set_random_seed: still reproducible.
+        return tf.random.Generator.from_seed(random.getrandbits(62))
+
+
 class _ImageLayer(keras.layers.Layer):
     """Shared plumbing: rank-3 or rank-4 float32 input, a per-layer thread-safe random generator.
 
     Subclasses implement `_augment(images [batch, H, W, C]) -> [batch, H', W', C]`.
     """
+
+    _random = True  # False for layers that draw nothing (no generator is made)
 
     def __init__(self, seed=None, **kwargs):
         kwargs.setdefault("dtype", "float32")  # views stay float32 under a mixed-precision policy
@@ -57,17 +75,26 @@ class _ImageLayer(keras.layers.Layer):
         self.seed = seed
         # Made here, not in build: build may run inside a tf.data function, where variables cannot
         # be created. The generator state is not a model weight (it is not saved).
-        with tf.init_scope():
-            self._rng = (tf.random.Generator.from_non_deterministic_state() if seed is None
-                         else tf.random.Generator.from_seed(seed))
+        self._rng = None
+        if self._random:
+            with tf.init_scope():
+                self._rng = _generator(seed)
 
-    def call(self, images, training=True):
+    def call(self, images, training=True, seed=None):
+        """seed: optional [2] int tensor; draws stateless randomness from it instead of the
+        layer's generator (see the module docstring)."""
         images = tf.cast(tf.convert_to_tensor(images), tf.float32)
         rank = images.shape.rank
         _check(rank in (3, 4), f"{self.name} got images of shape {images.shape}; expected "
                "[H, W, C] or [batch, H, W, C], so add or remove the batch axis.")
         batch = images if rank == 4 else images[tf.newaxis]
-        batch = self._augment(batch) if training else self._inference(batch)
+        # Set for the duration of this call only: _uniform and _child_seed derive from it.
+        self._call_seed = None if seed is None else tf.cast(seed, tf.int64)
+        self._draws = 0
+        try:
+            batch = self._augment(batch) if training else self._inference(batch)
+        finally:
+            self._call_seed = None
         return batch if rank == 4 else batch[0]
 
     def build(self, input_shape):
@@ -80,7 +107,25 @@ class _ImageLayer(keras.layers.Layer):
         """[batch, *shape] uniform draws, one row per image."""
         # A static batch size where known keeps shapes static for tf.data's graph optimiser.
         batch = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
-        return self._rng.uniform([batch, *shape], minval, maxval)
+        if getattr(self, "_call_seed", None) is None:
+            return self._rng.uniform([batch, *shape], minval, maxval)
+        # Draw i of a seeded call: its own stateless stream, folded from the call's seed.
+        self._draws += 1
+        seed = tf.random.fold_in(tf.random.fold_in(self._call_seed, 0), self._draws)
+        return tf.random.stateless_uniform([batch, *shape], seed, minval, maxval)
+
+    def _child_seed(self, index):
+        """The seed for the sublayer call `index` of this call: None unless the call is seeded."""
+        if getattr(self, "_call_seed", None) is None:
+            return None
+        return tf.random.fold_in(tf.random.fold_in(self._call_seed, 1), index)
+
+    def _call_child(self, layer, images, index, **kwargs):
+        """Calls a sublayer, handing on a derived seed when it takes one (Keras core layers don't)."""
+        seed = self._child_seed(index)
+        if seed is None or not isinstance(layer, _ImageLayer):
+            return layer(images, **kwargs)
+        return layer(images, seed=seed, **kwargs)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -175,15 +220,15 @@ class RandomApply(_ImageLayer):
         if self.probability <= 0.0:
             return images
         if self.probability >= 1.0:
-            return self.layer(images)
+            return self._call_child(self.layer, images, 0)
         if images.shape[0] == 1:  # one image (tf.data.map): run only the branch drawn
             return tf.cond(self._uniform(images)[0] < self.probability,
-                           lambda: self.layer(images), lambda: images)
+                           lambda: self._call_child(self.layer, images, 0), lambda: images)
         chosen = tf.cast(self._uniform(images) < self.probability, tf.int32)
         # Only the chosen images go through the layer (cheaper than running all and selecting).
         index = tf.dynamic_partition(tf.range(tf.shape(images)[0]), chosen, 2)
         kept, applied = tf.dynamic_partition(images, chosen, 2)
-        return _stitch(index, [kept, self.layer(applied)], images)
+        return _stitch(index, [kept, self._call_child(self.layer, applied, 0)], images)
 
     def get_config(self):
         return {**super().get_config(), "probability": self.probability,
@@ -204,6 +249,8 @@ class HorizontalFlip(_ImageLayer):
     and repeats across parallel `tf.data.map` calls.
     """
 
+    _random = False
+
     def _augment(self, images):
         return tf.reverse(images, axis=[2])
 
@@ -215,6 +262,8 @@ class Solarize(_ImageLayer):
     `keras.layers.Solarization` cannot hold a fixed threshold: it draws the threshold uniformly from
     [threshold_factor[0], threshold_factor[1] * 255], the lower bound left unscaled.
     """
+
+    _random = False
 
     def __init__(self, threshold=0.5, **kwargs):
         super().__init__(**kwargs)
@@ -409,8 +458,8 @@ class ViewAugmenter(_ImageLayer):
 
     def _augment(self, images):
         images = self._checked(images)
-        for stage in self.stages:
-            images = stage(images, training=True)
+        for index, stage in enumerate(self.stages):
+            images = self._call_child(stage, images, index, training=True)
         return tf.clip_by_value(images, 0.0, 1.0)
 
     def _inference(self, images):

@@ -63,9 +63,14 @@ class RunDir:
 
     def claim(self, config: Config, input_shape, num_classes: int) -> None:
         """Records the run's config; refuses a model dir whose checkpoints have another architecture."""
+        self.check_claim(config, input_shape, num_classes)
+        self.record_claim(config, input_shape, num_classes)
+
+    def check_claim(self, config: Config, input_shape, num_classes: int) -> None:
+        """Raises ConfigError if the model dir is a file or holds checkpoints of another architecture."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError(f"run.model_dir {self.path!r} is a file, not a directory; choose another path.")
-        if os.path.exists(self.config_file) and tf.train.latest_checkpoint(self.checkpoints):
+        if os.path.exists(self.config_file) and self.latest_checkpoint(warn=False):
             old_config, old_shape, old_classes = self.read_claim()
             changed = [f"model.{name}" for name in ARCHITECTURE_FIELDS
                        if getattr(old_config.model, name) != getattr(config.model, name)]
@@ -77,9 +82,37 @@ class RunDir:
                 raise ConfigError(
                     f"Model dir {self.path!r} holds a checkpoint of a different architecture "
                     f"({', '.join(changed)}); use a new --model_dir or the original settings.")
+
+    def record_claim(self, config: Config, input_shape, num_classes: int) -> None:
         os.makedirs(self.path, exist_ok=True)
         write_json(self.config_file, {"config": config.to_dict(), "input_shape": list(input_shape),
                                       "num_classes": num_classes})
+
+    def latest_checkpoint(self, warn: bool = True) -> str | None:
+        """The newest listed checkpoint whose files exist, or None before the first one.
+
+        Raises ConfigError when the list (checkpoints/checkpoint) is unreadable or names only
+        missing checkpoints: a run must not silently start over beside them.
+        """
+        listing = os.path.join(self.checkpoints, "checkpoint")
+        if not tf.io.gfile.exists(listing):
+            return None
+        state = tf.train.get_checkpoint_state(self.checkpoints)  # None when unparsable
+        if state is None or not state.model_checkpoint_path:
+            raise ConfigError(
+                f"The checkpoint list {listing!r} is unreadable; it may be corrupted: write into it "
+                'model_checkpoint_path: "ckpt-N" for the newest ckpt-N.index beside it, or use a new '
+                "--model_dir.")
+        listed = [state.model_checkpoint_path, *reversed(state.all_model_checkpoint_paths)]
+        for path in listed:
+            path = path if os.path.isabs(path) else os.path.join(self.checkpoints, path)
+            if tf.io.gfile.exists(path + ".index"):
+                if path != listed[0] and warn:
+                    log.warning("Checkpoint %s is missing; using the older %s.", listed[0], path)
+                return path
+        raise ConfigError(
+            f"The checkpoints listed in {listing!r} are missing ({', '.join(listed)}); put them "
+            "back, or use a new --model_dir.")
 
     def read_claim(self) -> tuple[Config, tuple[int, int, int], int]:
         try:
@@ -93,24 +126,19 @@ class RunDir:
             raise ConfigError(f"{self.config_file!r} is not a valid run config ({error}); "
                               "it may be corrupted.") from error
 
-    def checkpoint_manager(self, model, optimizer) -> tf.train.CheckpointManager:
+    def checkpoint_manager(self, model, optimizer, keep: int = 3) -> tf.train.CheckpointManager:
         # Build the optimizer's slots now so a restore fills them instead of deferring.
         optimizer.build(model.trainable_variables)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-        return tf.train.CheckpointManager(checkpoint, self.checkpoints, max_to_keep=3)
+        self.latest_checkpoint(warn=False)  # a damaged list: the clear error, not the manager's
+        return tf.train.CheckpointManager(model_checkpoint(model, optimizer), self.checkpoints,
+                                          max_to_keep=keep)
 
     def restore(self, manager: tf.train.CheckpointManager) -> int:
         """Restores the latest checkpoint, if any; returns the step it was taken at (0 if none)."""
-        latest = manager.latest_checkpoint
+        latest = self.latest_checkpoint()
         if latest is None:
             return 0
-        try:
-            manager.checkpoint.restore(latest).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as error:
-            raise ConfigError(
-                f"Checkpoint {latest!r} could not be restored ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200]}); it may be corrupted or from another model: move "
-                "it away to resume from an older one, or use a new --model_dir.") from error
+        restore_checkpoint(manager.checkpoint, latest)
         step = int(manager.checkpoint.optimizer.iterations.numpy())
         log.info("Resumed from %s at step %d.", latest, step)
         return step
@@ -127,8 +155,39 @@ class RunDir:
         return self.keras_file
 
 
+def model_checkpoint(model: keras.Model, optimizer=None) -> tf.train.Checkpoint:
+    """A tf.train.Checkpoint of every weight of `model` (and the optimizer's state, if given).
+
+    Besides the model itself, the weights are listed by their Keras path: layers that a layer keeps
+    in a Python list (the heads' hidden Dense/BN layers) are not in TensorFlow's object graph, so
+    without the list their BN statistics would be neither saved nor restored.
+    """
+    weights = {}
+    for index, variable in enumerate(model.weights):
+        # Without the model's own name, which Keras numbers per process ("nnclr_1/...").
+        key = variable.path.removeprefix(f"{model.name}/")
+        weights[key if key not in weights else f"{key}#{index}"] = variable
+    if optimizer is None:
+        return tf.train.Checkpoint(model=model, weights=weights)
+    return tf.train.Checkpoint(model=model, weights=weights, optimizer=optimizer)
+
+
+def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str) -> None:
+    """Restores `path` into `checkpoint`, every model weight included, or raises ConfigError."""
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched().expect_partial()
+    except Exception as error:  # a damaged file raises OpError, ValueError, IndexError, ...
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ConfigError(
+            f"Checkpoint {path!r} could not be restored ({type(error).__name__}: {detail}); it may "
+            "be corrupted or from another model: move its files away to resume from the one "
+            "before, or use a new --model_dir.") from error
+
+
 def weights_finite(model: keras.Model) -> bool:
-    return all(bool(tf.reduce_all(tf.math.is_finite(v.value))) for v in model.trainable_variables)
+    """True when no floating weight (BN statistics and support set included) is NaN or Inf."""
+    return all(bool(tf.reduce_all(tf.math.is_finite(v.value))) for v in model.weights
+               if v.dtype.startswith(("float", "bfloat")))
 
 
 class CheckpointCallback(keras.callbacks.Callback):
@@ -157,6 +216,6 @@ def save_checkpoint(manager: tf.train.CheckpointManager, model: keras.Model) -> 
     if not weights_finite(model):
         log.error("Not saving step %d: the weights are not finite.", step)
         return
-    latest = manager.latest_checkpoint
-    if latest is None or not latest.endswith(f"-{step}"):
+    latest = manager.latest_checkpoint  # may name one whose files were moved away: save again
+    if latest is None or not latest.endswith(f"-{step}") or not tf.io.gfile.exists(latest + ".index"):
         manager.save(checkpoint_number=step)

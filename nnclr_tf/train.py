@@ -5,7 +5,10 @@
     result.model.encoder          # the trained keras.Model
     result.report                 # dict with kNN / linear-probe numbers and the paths written
 
-Running the same config again with the same run.model_dir resumes from the last checkpoint.
+Running the same config again with the same run.model_dir resumes from the last checkpoint (step,
+learning-rate schedule, optimizer state, every weight and the support set), so a killed run redoes
+at most run.checkpoint_every_steps steps. The data stream is a function of (run.seed, step), so with
+run.deterministic=true the resumed run ends with the weights of an uninterrupted one, bit for bit.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from nnclr_tf import backbones, distribute, optim
 from nnclr_tf.config import Config, ConfigError, validate
 from nnclr_tf.data import dataset_info, pretraining_dataset
 from nnclr_tf.model import NNCLR
-from nnclr_tf.runs import CheckpointCallback, RunDir, TrainingDivergedError, save_checkpoint
+from nnclr_tf.runs import (CheckpointCallback, RunDir, TrainingDivergedError, model_checkpoint,
+                           restore_checkpoint, save_checkpoint)
 
 log = logging.getLogger("nnclr_tf")
 
@@ -83,6 +87,7 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
     """Pretrains NNCLR as configured; resumes from run.model_dir when it holds a checkpoint."""
     config = validate(config)
     d, o, r = config.data, config.optim, config.run
+    distribute.split_cpu(r.cpu_replicas)  # before anything, even preparing a dataset, starts devices
     info = dataset_info(d.dataset, d.train_split, data_dir=d.data_dir)
     input_shape = check_input(config, info.image_shape[-1])
     if info.num_examples < o.batch_size:
@@ -90,13 +95,14 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
             f"Dataset {d.dataset!r} split {d.train_split!r} has {info.num_examples} images, fewer than "
             f"one batch of {o.batch_size}; lower --batch_size or use more data.")
     run_dir = RunDir(r.model_dir)
-    run_dir.claim(config, input_shape, info.num_classes)  # refuses a model dir of another architecture, before training
+    run_dir.check_claim(config, input_shape, info.num_classes)  # another architecture: refused here
 
     keras.utils.set_random_seed(r.seed)
     if r.deterministic:
         tf.config.experimental.enable_op_determinism()
-    precision = distribute.set_precision(r.mixed_precision)
+    # The precision policy depends on the platform the strategy found (TPU: bfloat16).
     strategy = distribute.get_strategy(r.strategy, r.cpu_replicas)
+    precision = distribute.set_precision(r.mixed_precision, strategy)
     steps_per_epoch, total_steps = schedule_steps(config, info.num_examples)
     log.info("Pretraining %s on %s (%d images): %d steps of %d, %s, %d replica(s).", config.model.backbone,
              d.dataset, info.num_examples, total_steps, o.batch_size, precision,
@@ -106,17 +112,23 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
         model = build_model(config, input_shape, info.num_classes)
         optimizer = build_optimizer(config, steps_per_epoch, total_steps)
         model.compile(optimizer=optimizer, jit_compile=r.jit_compile)
-    checkpoints = run_dir.checkpoint_manager(model, optimizer)
+        optimizer.build(model.trainable_variables)  # its slots mirror the weights: made in the scope
+    checkpoints = run_dir.checkpoint_manager(model, optimizer, keep=r.keep_checkpoints)
     start_step = run_dir.restore(checkpoints)
+    run_dir.record_claim(config, input_shape, info.num_classes)  # only once the restore worked
 
-    def make_dataset(seed):
+    def make_dataset(initial_step):
+        # The data stream is a function of (seed, step): a resumed run sees what an uninterrupted one would.
         def dataset_fn(input_context=None):
+            # A pipeline feeding k replicas yields k of its batches per global step.
+            per_step = (input_context.num_replicas_in_sync // input_context.num_input_pipelines
+                        if input_context is not None else 1)
             return pretraining_dataset(
                 d.dataset, split=d.train_split, data_dir=d.data_dir, batch_size=o.batch_size,
                 image_size=d.image_size, augment=config.augment.preset,
                 crop_scale=config.augment.crop_scale, with_labels=info.num_classes > 0,
-                input_context=input_context, shuffle_buffer=d.shuffle_buffer, seed=seed,
-                channels=input_shape[-1])
+                input_context=input_context, shuffle_buffer=d.shuffle_buffer, seed=r.seed,
+                channels=input_shape[-1], initial_step=initial_step * per_step)
         if strategy.num_replicas_in_sync > 1:
             return strategy.distribute_datasets_from_function(dataset_fn)
         return dataset_fn()
@@ -132,8 +144,8 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
         ]
         step = start_step
         for initial_epoch, epochs, steps in plan_segments(start_step, total_steps, steps_per_epoch):
-            # Each segment draws a fresh data order, seeded by the step it starts at.
-            out = model.fit(make_dataset(r.seed + step), initial_epoch=initial_epoch, epochs=epochs,
+            # Each segment continues the one data stream from the step it starts at.
+            out = model.fit(make_dataset(step), initial_epoch=initial_epoch, epochs=epochs,
                             steps_per_epoch=steps, callbacks=fit_callbacks, verbose=verbose)
             for key, values in out.history.items():
                 history.setdefault(key, []).extend(float(v) for v in values)
@@ -187,13 +199,8 @@ def load_pretrained(model_dir: str) -> tuple[NNCLR, Config]:
     config, input_shape, num_classes = run_dir.read_claim()
     distribute.set_precision("float32")
     model = build_model(config, input_shape, num_classes)
-    checkpoint = tf.train.Checkpoint(model=model)
-    latest = tf.train.latest_checkpoint(run_dir.checkpoints)
+    latest = run_dir.latest_checkpoint()
     if latest is None:
         raise ConfigError(f"Model dir {model_dir!r} holds no checkpoint; run `nnclr pretrain` first.")
-    try:
-        checkpoint.restore(latest).expect_partial()
-    except (tf.errors.OpError, ValueError, AssertionError) as error:
-        raise ConfigError(f"Checkpoint {latest!r} could not be read ({type(error).__name__}); "
-                          "it may be corrupted: delete it to fall back to an older one.") from error
+    restore_checkpoint(model_checkpoint(model), latest)  # every weight, or a clear error
     return model, config

@@ -87,3 +87,12 @@ def tiny_encoder_fixture():
 def round_trip_fixture():
     """pytest fixture form: returns the `round_trip` helper."""
     return round_trip
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+    """Every test starts and ends with the float32 policy: `train.pretrain` sets the global Keras
+    dtype policy (mixed_bfloat16 on AMX CPUs), which would leak into the next test in the process."""
+    keras.mixed_precision.set_dtype_policy("float32")
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")

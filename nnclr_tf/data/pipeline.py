@@ -15,6 +15,7 @@ from nnclr_tf.data import sources, subsets
 
 EVAL_AUGMENTATIONS = (None, "crop_flip")
 _CACHE_LIMIT_BYTES = 512 * 2**20  # Decoded uint8 images below this size stay in memory.
+_ENDLESS = 2**62  # epochs: a stream that never ends in practice
 _IMAGENET_SUBSETS = {0.01: "imagenet2012_subset/1pct", 0.1: "imagenet2012_subset/10pct"}
 
 
@@ -51,24 +52,34 @@ def _view_augmenters(image_size, augment, channels, crop_scale, seed):
                  for view in (1, 2))
 
 
-def _maybe_cache(ds, info, count):
+def _fits_in_memory(info, count):
     height, width, channels = info.image_shape
-    if height and width and count * height * width * channels <= _CACHE_LIMIT_BYTES:
-        return ds.cache()
-    return ds
+    return bool(height and width and count * height * width * channels <= _CACHE_LIMIT_BYTES)
+
+
+def _maybe_cache(ds, info, count):
+    return ds.cache() if _fits_in_memory(info, count) else ds
 
 
 def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_size=256,
                         image_size=32, augment="byol", crop_scale=(0.08, 1.0), with_labels=True,
                         input_context=None, shuffle_buffer=10_000, seed=0, download=False,
-                        channels=None):
+                        channels=None, initial_step=0):
     """Endless, shuffled batches of two augmented views of each image.
 
     Returns a tf.data.Dataset of {"view_1": [B, S, S, C] float32 in [0, 1], "view_2": same,
     "label": [B] int32 (only with with_labels=True and a labelled split)}, B = the per-replica
     batch size under an input_context (batch_size is global), else batch_size; S = image_size.
     channels: 1 or 3, default the dataset's own (1 for Fashion-MNIST, 3 for folders).
+
+    The stream is a function of (seed, step) alone, drawn with stateless random ops: data epoch e
+    is the split shuffled by a seed folded from (seed, e), and the views of step t's batch come
+    from a seed folded from (seed, t). So `initial_step=t` yields exactly batches t, t+1, ... of
+    `initial_step=0` (a resumed run sees the data an uninterrupted one would), and gets there
+    without augmenting what it skips: whole epochs cost nothing, the rest of one is read only.
     """
+    if not isinstance(initial_step, (int, np.integer)) or initial_step < 0:
+        raise ValueError(f"initial_step must be an integer >= 0, got {initial_step!r}.")
     source = sources.resolve(dataset, split, data_dir, download, channels)
     info = source.info
     shard, local_batch = _sharding(input_context, batch_size)
@@ -76,29 +87,77 @@ def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_
     channels = info.image_shape[-1]
     augment_1, augment_2 = _view_augmenters(image_size, augment, channels, crop_scale, seed)
     keep_labels = with_labels and info.has_labels
+    # One stateless key per input pipeline, so that pipelines draw different views.
+    key = tf.constant([seed, shard[1] if shard else 0], tf.int64)
 
-    ds = source.read(shard=shard, shuffle_seed=seed)
-    ds = _maybe_cache(ds, info, info.num_examples // (shard[0] if shard else 1))
-    if shuffle_buffer > 1:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.repeat()
+    count = _pipeline_count(source, info, shard)
+    first_epoch, offset = divmod(int(initial_step) * local_batch, count)
+    in_memory = _fits_in_memory(info, count)
+    ds = _shuffled_epochs(source, shard, in_memory, key, shuffle_buffer, seed, first_epoch)
+    ds = ds.skip(offset)  # within one epoch: cached images, else still encoded; never augmented
+    if not in_memory:
+        ds = source.decode(ds)
 
-    def two_views(images, labels):
+    def two_views(index, images, labels):
         # [H, W, C] or [B, H, W, C]: the augmenters draw every random choice per image either way.
         images = tf.image.convert_image_dtype(images, tf.float32)
-        views = {"view_1": augment_1(images), "view_2": augment_2(images)}
+        index_key = tf.random.fold_in(key, index)
+        views = {"view_1": augment_1(images, seed=tf.random.fold_in(index_key, 1)),
+                 "view_2": augment_2(images, seed=tf.random.fold_in(index_key, 2))}
         if keep_labels:
             views["label"] = labels
         return views
 
     if info.image_shape[0] and info.image_shape[1]:
         # Same-size images: augmenting whole batches is several times faster than one by one.
+        # Batch t of the stream is augmented with seeds from t.
         ds = ds.batch(local_batch, drop_remainder=True)
-        ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(initial_step), ds)
     else:
-        ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+        # One by one: element i of the stream (batch i // B) is augmented with seeds from i.
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(initial_step * local_batch), ds)
+    ds = ds.map(lambda index, example: two_views(index, *example),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    if not (info.image_shape[0] and info.image_shape[1]):
         ds = ds.batch(local_batch, drop_remainder=True)
     return ds.with_options(_options(shard)).prefetch(tf.data.AUTOTUNE)
+
+
+def _pipeline_count(source, info, shard):
+    """Examples one input pipeline reads per epoch."""
+    if shard is None:
+        return info.num_examples
+    known = int(source.read(shard=shard).cardinality())  # TFDS knows it without reading
+    # Folders: every count-th file from the pipeline's index (as the folder source shards).
+    return known if known > 0 else len(range(shard[1], info.num_examples, shard[0]))
+
+
+def _shuffled_epochs(source, shard, in_memory, key, shuffle_buffer, seed, first_epoch):
+    """(image, label) examples, epoch after epoch from `first_epoch`, never ending; the images
+    are decoded when `in_memory` (cached after the first read), else still encoded.
+
+    Epoch e's order depends on (key, e) only, never on how many epochs this process has read
+    before, so a stream that starts at epoch e matches one that got there.
+    """
+    cached = source.read(shard=shard, shuffle_seed=seed).cache() if in_memory else None
+
+    @tf.autograph.experimental.do_not_convert
+    def epoch(index):
+        # Traced in its own graph: this sets that graph's seed only, so that the shuffles below
+        # depend on the epoch seed alone, not on the global seed (and a global seed of 0 does not
+        # trip tf.data's check on tensor seeds).
+        tf.random.set_seed(1)
+        epoch_seed = tf.random.stateless_uniform(  # a full-range int64 from (key, epoch)
+            [], tf.random.fold_in(key, index), minval=None, maxval=None, dtype=tf.int64)
+        # Uncached data is read again each epoch, its files in an order from the epoch's seed.
+        examples = cached if in_memory else source.read(shard=shard, shuffle_seed=epoch_seed,
+                                                        encoded=True)
+        if shuffle_buffer > 1:
+            examples = examples.shuffle(shuffle_buffer, seed=epoch_seed,
+                                        reshuffle_each_iteration=False)
+        return examples
+
+    return tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(epoch)
 
 
 def _options(shard):

@@ -49,11 +49,14 @@ class Source:
     read(shard=None, indices=None, shuffle_seed=None) -> tf.data.Dataset of (uint8 image, int32 label):
     `indices` keeps those positions of the deterministic order, `shard=(count, index)` then keeps
     one of `count` disjoint parts, `shuffle_seed` (no indices) shuffles the order of files read.
+    read(..., encoded=True) yields (encoded image, label) instead, and decode(dataset) turns such a
+    dataset into (uint8 image, label): examples can be shuffled and skipped before decoding.
     labels() -> [N] int32 labels of all examples, in that order.
     """
     info: DatasetInfo
     read: object
     labels: object
+    decode: object = None
 
 
 def to_channels(image, channels):
@@ -146,22 +149,30 @@ def _tfds_source(dataset, name, split, data_dir, download, channels):
                        image_shape=(height, width, channels), class_names=class_names,
                        split=split, has_labels=has_labels, source=f"tfds:{builder.info.full_name}")
 
-    def to_pair(example):
+    def to_pair(example, encoded=False):
         label = tf.cast(example["label"], tf.int32) if has_labels else tf.constant(-1, tf.int32)
-        return to_channels(example["image"], channels), label
+        return (example["image"] if encoded else to_channels(example["image"], channels)), label
 
-    def read(shard=None, indices=None, shuffle_seed=None):
+    def read(shard=None, indices=None, shuffle_seed=None, encoded=False):
         config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
         part = split
         if shard is not None and indices is None:
             part = tfds.even_splits(split, shard[0])[shard[1]]
         ds = builder.as_dataset(split=part, read_config=config,
-                                shuffle_files=shuffle_seed is not None and indices is None)
+                                shuffle_files=shuffle_seed is not None and indices is None,
+                                decoders={"image": tfds.decode.SkipDecoding()} if encoded else None)
         if indices is not None:
             ds = subsets.keep_indices(ds, indices, num_examples)
             if shard is not None:
                 ds = ds.shard(shard[0], shard[1])
-        return ds.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(lambda example: to_pair(example, encoded),
+                      num_parallel_calls=tf.data.AUTOTUNE)
+
+    def decode(ds):
+        image_feature = features["image"]
+        return ds.map(lambda image, label: (
+            to_channels(image_feature.decode_example(image), channels), label),
+            num_parallel_calls=tf.data.AUTOTUNE)
 
     def labels():
         if not has_labels:
@@ -171,7 +182,7 @@ def _tfds_source(dataset, name, split, data_dir, download, channels):
         ds = ds.map(lambda ex: tf.cast(ex["label"], tf.int32)).batch(8192)
         return np.concatenate([batch.numpy() for batch in ds] or [np.zeros([0], np.int32)])
 
-    return Source(info=info, read=read, labels=labels)
+    return Source(info=info, read=read, labels=labels, decode=decode)
 
 
 def _folder_source(dataset, split, channels):
@@ -182,16 +193,25 @@ def _folder_source(dataset, split, channels):
                        class_names=scan.class_names, split=split, has_labels=scan.has_labels,
                        source=f"folder:{scan.root}", skipped_files=scan.skipped)
 
-    def read(shard=None, indices=None, shuffle_seed=None):
+    def read(shard=None, indices=None, shuffle_seed=None, encoded=False):
         del shuffle_seed  # Files are shuffled as examples, later in the pipeline.
         positions = np.arange(len(scan.paths)) if indices is None else np.asarray(indices)
         if shard is not None:
             positions = positions[shard[1]::shard[0]]
+        if encoded:  # (path, label): reading and decoding wait for decode()
+            paths = np.asarray(scan.paths, dtype=object)[positions].astype(str)
+            return tf.data.Dataset.from_tensor_slices((paths, scan.labels[positions]))
         ds = folders.folder_dataset(scan, positions)
         return ds.map(lambda image, label: (to_channels(image, channels), label),
                       num_parallel_calls=tf.data.AUTOTUNE)
 
-    return Source(info=info, read=read, labels=lambda: scan.labels.copy())
+    def decode(ds):
+        ds = ds.map(lambda path, label: (
+            to_channels(folders.decode_image(tf.io.read_file(path)), channels), label),
+            num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.ignore_errors(log_warning=True)  # as folder_dataset: a bad file is left out
+
+    return Source(info=info, read=read, labels=lambda: scan.labels.copy(), decode=decode)
 
 
 def resolve(dataset, split="train", data_dir=None, download=False, channels=None):
