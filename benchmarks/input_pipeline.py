@@ -13,9 +13,9 @@ import time
 from nnclr_tf.data import pretraining_dataset
 
 
-def measure(dataset, data_dir, batch_size, image_size, preset, steps, warmup):
+def measure(dataset, data_dir, batch_size, image_size, preset, steps, warmup, channels=None):
     ds = pretraining_dataset(dataset, data_dir=data_dir, batch_size=batch_size,
-                             image_size=image_size, augment=preset)
+                             image_size=image_size, augment=preset, channels=channels)
     iterator = iter(ds)
     for _ in range(warmup):
         next(iterator)
