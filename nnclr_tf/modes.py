@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+
+import tensorflow as tf
 
 from nnclr_tf import evaluate
 from nnclr_tf.config import Config
 from nnclr_tf.data import dataset_info, evaluation_dataset
+from nnclr_tf.data.subsets import subset_size
 from nnclr_tf.runs import RunDir, write_json
 
 log = logging.getLogger("nnclr_tf")
@@ -31,6 +35,12 @@ def _eval_datasets(config: Config, augment_train=None, label_fraction=None):
                                batch_size=e.linear_batch_size, image_size=d.image_size,
                                augment=augment_train, label_fraction=label_fraction,
                                seed=config.run.seed, shuffle=augment_train is not None)
+    if label_fraction is not None and train.cardinality() < 0:
+        # Our class-balanced subset is a filtered dataset of unknown length: state it, so that fit
+        # knows its steps (for the cosine schedule) and starts each epoch from the beginning.
+        count = subset_size(label_fraction, info.num_examples)
+        train = train.apply(tf.data.experimental.assert_cardinality(
+            math.ceil(count / e.linear_batch_size)))
     test = evaluation_dataset(d.dataset, d.eval_split, data_dir=d.data_dir,
                               batch_size=e.linear_batch_size, image_size=d.image_size)
     return info, train, test

@@ -1,30 +1,61 @@
 """The end-of-run report: kNN and linear-probe top-1 of the trained encoder beside a random one,
-the exported SavedModel, and the pictures (training curves, nearest-neighbour grid)."""
+the exported SavedModel, and the pictures (training curves, nearest-neighbour grid); and, built from
+the same config, the kNN monitor that reports kNN top-1 during pretraining.
+
+    callbacks = knn_monitor_callbacks(config, num_classes)   # [] unless eval.knn_every_epochs > 0
+    scores = encoder_scores(encoder, config, num_classes)    # {"knn_top1", "linear_top1"}
+    baseline = raw_pixel_scores(config, num_classes)         # the same protocol on raw pixels
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 
+import keras
 import numpy as np
 
 from nnclr_tf import backbones, evaluate, pictures
 from nnclr_tf.config import Config
-from nnclr_tf.data import evaluation_dataset, load_arrays
+from nnclr_tf.data import dataset_info, evaluation_dataset, load_arrays
 from nnclr_tf.runs import RunDir, write_json
 
 log = logging.getLogger("nnclr_tf")
 
 
-def _features(encoder, config: Config, split: str, limit: int):
+def _eval_images(config: Config, split: str, limit: int, batch: int = 256):
+    """Un-augmented (images, labels) batches of the first `limit` examples of `split` (0: all)."""
     d = config.data
-    batch = 256
     dataset = evaluation_dataset(d.dataset, split, data_dir=d.data_dir, batch_size=batch,
                                  image_size=d.image_size)
     if limit:
         dataset = dataset.take(math.ceil(limit / batch))
-    features, labels = evaluate.extract_features(encoder, dataset)
+    return dataset
+
+
+def _features(encoder, config: Config, split: str, limit: int):
+    features, labels = evaluate.extract_features(encoder, _eval_images(config, split, limit))
     return features[:limit or None], labels[:limit or None]
+
+
+def knn_monitor_callbacks(config: Config, num_classes: int) -> list:
+    """[KNNMonitor] writing "knn_top1" into the epoch logs every eval.knn_every_epochs epochs.
+
+    The bank is data.eval_train_split and the queries data.eval_split, each cut to
+    eval.max_eval_examples (0: whole split); k and temperature are eval.knn_k and
+    eval.knn_temperature. Returns [] when eval.knn_every_epochs is 0 or the dataset has no labels,
+    so `fit(callbacks=[..., *knn_monitor_callbacks(config, n), CSVLogger(...)])` always works;
+    put it before CSVLogger and TensorBoard so that they record the key.
+    """
+    e = config.eval
+    if e.knn_every_epochs <= 0 or num_classes <= 0:
+        return []
+    limit = e.max_eval_examples
+    bank = _eval_images(config, config.data.eval_train_split, limit)
+    queries = _eval_images(config, config.data.eval_split, limit)
+    # Rows past `limit` in the last batch are kept: the monitor tracks a trend, not the report's number.
+    return [evaluate.KNNMonitor(bank, queries, num_classes=num_classes, every=e.knn_every_epochs,
+                                k=e.knn_k, temperature=e.knn_temperature, first_epoch=True)]
 
 
 def encoder_scores(encoder, config: Config, num_classes: int) -> dict:
@@ -38,8 +69,23 @@ def encoder_scores(encoder, config: Config, num_classes: int) -> dict:
     return {"knn_top1": float(knn["top1"]), "linear_top1": float(linear["top1"])}
 
 
+def raw_pixel_scores(config: Config, num_classes: int) -> dict:
+    """encoder_scores with the identity encoder: flattened pixels [batch, H * W * C] in [0, 1].
+
+    The baseline every learned representation has to beat, through the very same kNN and linear
+    probe (so it also checks them). Sized for small images: 28x28x1 gives 784 features.
+    """
+    d = config.data
+    size, channels = d.image_size, dataset_info(d.dataset, d.eval_split, d.data_dir).image_shape[-1]
+    flatten = keras.layers.Flatten(dtype="float32")  # float32 even under a mixed policy
+    pixels = keras.Sequential([keras.Input((size, size, channels)), flatten], name="raw_pixels")
+    return encoder_scores(pixels, config, num_classes)
+
+
 def random_encoder(config: Config, input_shape):
+    """A freshly initialised encoder of the run's architecture, seeded with run.seed."""
     m = config.model
+    keras.utils.set_random_seed(config.run.seed)
     return backbones.build_backbone(m.backbone, input_shape=input_shape,
                                     width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem)
 

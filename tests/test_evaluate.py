@@ -1,6 +1,7 @@
 """Evaluation protocols against NumPy references and invariants, on tiny synthetic data."""
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -196,6 +197,24 @@ class LinearProbeTest(parameterized.TestCase):
         solution = linear_module._lbfgs(lambda p: objective(p, l2), np.zeros(18))
         self.assertLess(np.max(np.abs(numpy_objective(solution)[1])), 1e-4)
 
+    def test_reaches_the_bayes_accuracy_of_two_gaussians(self):
+        # Classes N(-mu e1, I) and N(+mu e1, I) in 5 dims, equal priors: the best possible
+        # classifier is linear and its accuracy is Phi(mu) = 0.8413 for mu = 1.
+        rng = np.random.default_rng(5)
+        mu = 1.0
+
+        def sample(count):
+            labels = rng.integers(0, 2, count)
+            features = rng.normal(size=(count, 5))
+            features[:, 0] += mu * (2 * labels - 1)
+            return features, labels
+
+        (train_x, train_y), (test_x, test_y) = sample(4000), sample(40000)
+        results = evaluate.linear_probe_accuracy(train_x, train_y, test_x, test_y, 2)
+        bayes = 0.5 * (1 + math.erf(mu / math.sqrt(2)))
+        # 40,000 test rows: one standard error of the accuracy is 0.0018.
+        self.assertAlmostEqual(results["top1"], bayes, delta=0.008)
+
     def test_bad_labels_raise(self):
         with self.assertRaisesRegex(ValueError, "labels"):
             evaluate.linear_probe_accuracy(
@@ -282,6 +301,26 @@ class ProtocolTest(parameterized.TestCase):
         self.assertLen(evaluate.PAPER_TRANSFER, 12)
 
 
+    def test_transfer_suite_defaults_to_the_papers_datasets_and_skips_unlabelled(self):
+        encoder = tiny_encoder()
+
+        def not_prepared(name, split):
+            raise FileNotFoundError(f"{name} is not prepared")
+
+        rows = evaluate.transfer_suite(encoder, None, load_fn=not_prepared)
+        self.assertEqual([r["dataset"] for r in rows], list(evaluate.PAPER_TRANSFER))
+        self.assertEqual({r["status"] for r in rows}, {"skipped"})
+        self.assertEqual(rows[0]["reason"], "food101 is not prepared")
+
+        def unlabelled(name, split):
+            images, _ = colour_images(16, 2)
+            return batches(images, np.full(16, -1, np.int32))
+
+        (row,) = evaluate.transfer_suite(encoder, ["stl10"], load_fn=unlabelled)
+        self.assertEqual(row["status"], "skipped")
+        self.assertIn("unlabelled", row["reason"])
+
+
 class TinyClassifier(keras.Model):
     """A classifier exposing `.encoder`, like NNCLR, for the monitor."""
 
@@ -310,6 +349,27 @@ class MonitorTest(parameterized.TestCase):
         expected = evaluate.knn_evaluate(model.encoder, bank, query, 3, k=5)["top1"]
         self.assertAlmostEqual(history.history["knn_top1"][0], expected)
         self.assertEqual([epoch for epoch, _ in monitor.history], [1])
+
+    def test_first_epoch_of_every_fit_call_is_evaluated(self):
+        # A resumed run calls fit again from a later epoch; CSVLogger fixes its columns at the
+        # first epoch of each call, so the monitor must report there too.
+        images, labels = colour_images(32, 3)
+        model = TinyClassifier(tiny_encoder(), 3)
+        model.compile(
+            optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
+        data = batches(images, labels)
+        monitor = evaluate.KNNMonitor(data, data, num_classes=3, every=4, k=5, first_epoch=True)
+        for initial_epoch, epochs in ((0, 2), (2, 5)):
+            model.fit(
+                data,
+                initial_epoch=initial_epoch,
+                epochs=epochs,
+                callbacks=[monitor],
+                verbose=0,
+                shuffle=False,
+            )
+        self.assertEqual([epoch for epoch, _ in monitor.history], [0, 2, 3])
 
     def test_missing_encoder_is_a_clear_error(self):
         images, labels = colour_images(8, 2)

@@ -159,15 +159,15 @@ class KNNMonitor(keras.callbacks.Callback):
     """Writes the kNN top-1 of the encoder into the epoch logs as "knn_top1" every `every` epochs.
 
     Place it before CSVLogger / TensorBoard in `callbacks` so they see the key (the progress bar and
-    History always do); CSVLogger fixes its columns at the first epoch, so with `every` > 1 use
-    `first_epoch=True` to have the column from the start.
+    History always do); CSVLogger fixes its columns at the first epoch of every `fit` call, so with
+    `every` > 1 use `first_epoch=True` to have the column from the start (also in a resumed run).
 
     Args:
       bank_ds, query_ds: finite tf.data of (images, labels) batches, un-augmented.
       num_classes: number of classes.
       every: evaluate after every `every`-th epoch.
       encoder: the encoder to evaluate; defaults to `self.model.encoder` (the NNCLR model's).
-      first_epoch: also evaluate after the first epoch.
+      first_epoch: also evaluate after the first epoch of every `fit` call.
     """
 
     def __init__(
@@ -195,6 +195,10 @@ class KNNMonitor(keras.callbacks.Callback):
         self.first_epoch = bool(first_epoch)
         self.batch_size = int(batch_size)
         self.history = []
+        self._first_of_fit = False
+
+    def on_train_begin(self, logs=None):
+        self._first_of_fit = self.first_epoch
 
     def _encoder(self):
         if self.encoder is not None:
@@ -208,7 +212,8 @@ class KNNMonitor(keras.callbacks.Callback):
         return encoder
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every != 0 and not (self.first_epoch and epoch == 0):
+        first, self._first_of_fit = self._first_of_fit, False
+        if (epoch + 1) % self.every != 0 and not first:
             return
         results = knn_evaluate(
             self._encoder(),

@@ -46,20 +46,32 @@ TRANSFER_SPLITS = {
 _PERCENT_KEYS = ("top1", "top5", "mean_per_class", "val_top1", "knn_top1")
 
 
-def _default_load_fn(data_dir, image_size, batch_size):
+def _default_load_fn(data_dir, image_size, batch_size, channels):
     def load(name, split):
         from nnclr_tf import data  # imported here: the suite itself needs no data pipeline
 
         return data.evaluation_dataset(
-            name, split, data_dir=data_dir, batch_size=batch_size, image_size=image_size
+            name,
+            split,
+            data_dir=data_dir,
+            batch_size=batch_size,
+            image_size=image_size,
+            channels=channels,
         )
 
     return load
 
 
+def _input_channels(encoder):
+    """The encoder's input channels (1 or 3), or None when its input shape is not known."""
+    shape = getattr(encoder, "input_shape", None)
+    channels = shape[-1] if isinstance(shape, tuple) and shape else None
+    return channels if channels in (1, 3) else None
+
+
 def transfer_suite(
     encoder,
-    datasets=tuple(PAPER_TRANSFER),
+    datasets=None,
     data_dir=None,
     image_size=224,
     load_fn=None,
@@ -72,9 +84,11 @@ def transfer_suite(
 
     Args:
       encoder: keras.Model, images [batch, H, W, C] float in [0, 1] -> features [batch, D].
-      datasets: dataset names (default: the paper's twelve).
+      datasets: dataset names: TFDS names, "embedded", "fashion_mnist_full" or image folders
+        (None or empty: the paper's twelve).
       load_fn: `load_fn(name, split) -> tf.data` of (images, labels) batches; by default
-        `nnclr_tf.data.evaluation_dataset(name, split, data_dir, batch_size, image_size)`. A
+        `nnclr_tf.data.evaluation_dataset(name, split, data_dir, batch_size, image_size)`, with
+        the images converted to the encoder's input channels (grayscale <-> RGB). A
         ValueError / FileNotFoundError from it (e.g. DatasetNotPreparedError) marks the dataset
         skipped, with the message as the reason.
       splits: {name: (train_split, test_split)} overriding TRANSFER_SPLITS (otherwise
@@ -87,7 +101,10 @@ def transfer_suite(
     """
     if isinstance(datasets, str):
         datasets = [datasets]
-    load_fn = load_fn or _default_load_fn(data_dir, image_size, batch_size)
+    datasets = list(datasets or PAPER_TRANSFER)
+    load_fn = load_fn or _default_load_fn(
+        data_dir, image_size, batch_size, _input_channels(encoder)
+    )
     splits = {**TRANSFER_SPLITS, **(splits or {})}
     rows = []
     for name in datasets:
@@ -106,6 +123,10 @@ def transfer_suite(
             continue
         train_x, train_y = extract_features(encoder, train_ds)
         test_x, test_y = extract_features(encoder, test_ds)
+        if min(train_y.min(), test_y.min()) < 0:
+            reason = f"{name!r} has unlabelled images (label -1); a linear probe needs labels."
+            rows.append({**row, "status": "skipped", "reason": reason})
+            continue
         classes = (num_classes or {}).get(name) or int(max(train_y.max(), test_y.max())) + 1
         results = linear_probe_accuracy(train_x, train_y, test_x, test_y, classes, l2_grid=l2_grid)
         rows.append(

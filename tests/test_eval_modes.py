@@ -1,0 +1,136 @@
+"""The evaluation modes of `nnclr` (knn, linear_eval, finetune, transfer) end to end, in subprocesses.
+
+One tiny pretraining run is shared by the module; every mode must write `<mode>.json` and
+`<mode>.md` into the model dir and print the Markdown table.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def nnclr(*args, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, "-m", "nnclr_tf", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def write_image_folder(root, per_class, seed):
+    """root/{bright,dark}/*.png, 20x20 RGB: a two-class folder dataset the tiny encoder can tell apart."""
+    import tensorflow as tf  # only here: the modes themselves run in subprocesses
+
+    rng = np.random.default_rng(seed)
+    for label, (name, level) in enumerate((("bright", 200), ("dark", 40))):
+        os.makedirs(os.path.join(root, name))
+        for i in range(per_class):
+            pixels = np.clip(level + rng.normal(0, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+            with open(os.path.join(root, name, f"{label}_{i}.png"), "wb") as handle:
+                handle.write(tf.io.encode_png(pixels).numpy())
+
+
+@pytest.fixture(scope="module", name="run")
+def pretrained_run(tmp_path_factory):
+    """(common flags, model dir) of a pretrained `tiny` run, with a tmp data_dir."""
+    root = tmp_path_factory.mktemp("eval_modes")
+    model_dir, data_dir = str(root / "run"), str(root / "tfds")
+    common = [f"--model_dir={model_dir}", f"--data_dir={data_dir}"]
+    nnclr("pretrain", "--preset=tiny", *common, "--set=run.report=false", "--set=run.export=false")
+    return common, model_dir, root
+
+
+def results(model_dir, name):
+    with open(os.path.join(model_dir, f"{name}.json")) as handle:
+        values = json.load(handle)
+    with open(os.path.join(model_dir, f"{name}.md")) as handle:
+        markdown = handle.read()
+    return values, markdown
+
+
+@pytest.mark.parametrize("mode, extra, expected", [
+    ("knn", [], {"protocol": "knn", "k": 5}),
+    ("linear_eval", ["--set=eval.linear_epochs=1"], {"protocol": "linear_eval"}),
+    ("finetune", ["--set=eval.label_fraction=0.1"], {"protocol": "finetune",
+                                                     "label_fraction": 0.1}),
+])
+def test_mode_writes_json_and_markdown_and_prints_the_table(run, mode, extra, expected):
+    common, model_dir, _ = run
+    done = nnclr(mode, *common, *extra)
+    values, markdown = results(model_dir, mode)
+    assert {**values, **expected} == values
+    assert values["dataset"] == "embedded"
+    # 10 classes: the embedded Fashion-MNIST subset; chance is 0.1.
+    assert 0.0 <= values["top1"] <= values["top5"] <= 1.0
+    assert markdown.startswith("| dataset | top1 (%) | top5 (%) |")
+    assert markdown in done.stdout
+
+
+def test_transfer_writes_table_with_skip_reasons(run):
+    common, model_dir, root = run
+    folder = str(root / "folder")
+    write_image_folder(os.path.join(folder, "train"), per_class=12, seed=0)
+    write_image_folder(os.path.join(folder, "test"), per_class=6, seed=1)
+    done = nnclr("transfer", *common, f"--set=eval.transfer_datasets=embedded,{folder},cifar10")
+    rows, markdown = results(model_dir, "transfer")
+    assert [r["dataset"] for r in rows] == ["embedded", folder, "cifar10"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped"]
+    embedded, images, cifar = rows
+    assert (embedded["num_train"], embedded["num_test"], embedded["num_classes"]) == (10000, 2000, 10)
+    # RGB folder images reach the grayscale encoder converted; the classes differ in brightness.
+    assert (images["num_train"], images["num_test"], images["num_classes"]) == (24, 12, 2)
+    assert images["top1"] >= 0.9
+    assert cifar["paper"] == 93.7 and "not prepared" in cifar["reason"]
+    lines = markdown.strip().splitlines()
+    assert len(lines) == 2 + 3 and "paper (%)" in lines[0]
+    assert lines[4].startswith("| cifar10 | skipped |") and "not prepared" in lines[4]
+    assert markdown in done.stdout
+
+
+def tiny_config(run, **overrides):
+    from nnclr_tf import config as cfg
+
+    common, model_dir, _ = run
+    data_dir = common[1].split("=", 1)[1]
+    return cfg.override(cfg.get_preset("tiny"), {"data.data_dir": data_dir,
+                                                "run.model_dir": model_dir, **overrides})
+
+
+def test_knn_monitor_is_built_from_the_config(run):
+    from nnclr_tf import evaluate, report, train
+
+    assert report.knn_monitor_callbacks(tiny_config(run), num_classes=10) == []
+    config = tiny_config(run, **{"eval.knn_every_epochs": 3})
+    (monitor,) = report.knn_monitor_callbacks(config, num_classes=10)
+    assert (monitor.every, monitor.k, monitor.first_epoch) == (3, 5, True)
+    model, _ = train.load_pretrained(config.run.model_dir)
+    monitor.set_model(model)
+    monitor.on_train_begin()
+    logs = {}
+    monitor.on_epoch_end(0, logs)  # the first epoch of a fit call: evaluated, so CSV has the column
+    expected = evaluate.knn_evaluate(model.encoder, monitor.bank_ds, monitor.query_ds, 10, k=5)
+    assert logs["knn_top1"] == expected["top1"]
+    logs = {}
+    monitor.on_epoch_end(1, logs)
+    assert "knn_top1" not in logs
+
+
+def test_raw_pixel_baseline_goes_through_the_same_protocol(run):
+    from nnclr_tf import evaluate, report
+    from nnclr_tf.data import load_arrays
+
+    config = tiny_config(run)  # eval.max_eval_examples=64, image_size=16
+    scores = report.raw_pixel_scores(config, num_classes=10)
+    data_dir = config.data.data_dir
+    train_x, train_y = load_arrays("embedded", "train", data_dir, image_size=16, limit=64)
+    test_x, test_y = load_arrays("embedded", "test", data_dir, image_size=16, limit=64)
+    train_x = train_x.reshape(64, -1) / np.float32(255)
+    test_x = test_x.reshape(64, -1) / np.float32(255)
+    knn = evaluate.knn_accuracy(train_x, train_y, test_x, test_y, 10, k=5, temperature=0.1)
+    linear = evaluate.linear_probe_accuracy(train_x, train_y, test_x, test_y, 10)
+    assert scores["knn_top1"] == pytest.approx(knn["top1"], abs=1 / 64)
+    assert scores["linear_top1"] == pytest.approx(linear["top1"], abs=1 / 64)
