@@ -136,8 +136,13 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
     history: dict[str, list] = {}
     if start_step < total_steps:
         checkpoint_callback = CheckpointCallback(checkpoints, every_steps=r.checkpoint_every_steps)
+        monitors = []
+        if config.eval.knn_every_epochs > 0:
+            from nnclr_tf.report import knn_monitor_callbacks
+            monitors = knn_monitor_callbacks(config, info.num_classes)
         fit_callbacks = [
             checkpoint_callback,
+            *monitors,  # before the loggers, so they record knn_top1
             keras.callbacks.CSVLogger(run_dir.csv_log, append=True),
             keras.callbacks.TensorBoard(run_dir.tensorboard, update_freq=r.log_every_steps),
             *callbacks,

@@ -94,3 +94,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         value = reader.get_tensor(name)
         if np.issubdtype(np.asarray(value).dtype, np.floating):
             assert np.isfinite(value).all(), name
+
+
+def test_knn_monitor_writes_knn_top1_into_the_training_log(tmp_path):
+    config = tiny(tmp_path, **{"optim.train_steps": "2", "eval.knn_every_epochs": "1"})
+    result = train.pretrain(config, verbose=0)
+    assert 0.0 <= result.history["knn_top1"][-1] <= 1.0
+    header = (tmp_path / "run" / "training_log.csv").read_text().splitlines()[0]
+    assert "knn_top1" in header.split(",")
