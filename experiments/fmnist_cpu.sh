@@ -2,10 +2,11 @@
 # The CPU-sized result: Fashion-MNIST (the full 60k/10k from Debian's dataset-fashion-mnist:
 # `apt-get install dataset-fashion-mnist`), the `fmnist_cpu` preset, on 2 CPU cores.
 # NNCLR and the SimCLR-style baseline (positive=self) with the same preset, budget and seed, then
-# raw pixels through the same kNN / linear probe. Writes RUNS/fmnist_{nnclr,self}/report.{json,md},
-# RUNS/fmnist_raw_pixels.json and prints one table (RUNS defaults to runs/).
-#   experiments/fmnist_cpu.sh                       # the BUILD.md numbers
-#   experiments/fmnist_cpu.sh --set run.seed=1      # extra flags go to both pretraining runs
+# raw pixels (native 28x28) through the same kNN / linear probe. Writes
+# RUNS/fmnist_{nnclr,self}/report.{json,md}, RUNS/fmnist_raw_pixels.json and prints one table
+# (RUNS defaults to runs/). A run that already has its report is not run again.
+#   experiments/fmnist_cpu.sh                                    # the BUILD.md numbers
+#   RUNS=runs/seed1 experiments/fmnist_cpu.sh --set run.seed=1   # extra flags go to both runs
 set -euo pipefail
 RUNS=${RUNS:-runs}
 PYTHON=${PYTHON:-python}
@@ -13,13 +14,16 @@ nnclr() { "$PYTHON" -m nnclr_tf "$@"; }
 
 for method in nnclr self; do
   dir="$RUNS/fmnist_$method"
+  positive=$([ "$method" = nnclr ] && echo nn || echo self)
+  [ -f "$dir/report.json" ] && continue
   start=$SECONDS
-  # Pretraining alone (timed), then the same command again: the finished run is not retrained,
-  # only evaluated (kNN + linear probe of the trained and a random-init encoder) and reported.
-  nnclr pretrain --preset=fmnist_cpu --model_dir="$dir" --set model.positive="${method/nnclr/nn}" \
+  # Pretraining alone (timed: the wall time of the command that finishes the run), then the same
+  # command again: the finished run is not retrained, only evaluated (kNN + linear probe of the
+  # trained and of a random-init encoder) and reported.
+  nnclr pretrain --preset=fmnist_cpu --model_dir="$dir" --set model.positive="$positive" \
     --set run.report=false "$@"
   echo "$((SECONDS - start))" > "$dir/pretrain_wall_seconds.txt"
-  nnclr pretrain --preset=fmnist_cpu --model_dir="$dir" --set model.positive="${method/nnclr/nn}" "$@"
+  nnclr pretrain --preset=fmnist_cpu --model_dir="$dir" --set model.positive="$positive" "$@"
 done
 
 "$PYTHON" - "$RUNS" <<'EOF'
@@ -28,7 +32,8 @@ import json, os, sys
 from nnclr_tf import config, report
 
 runs = sys.argv[1]
-raw = report.raw_pixel_scores(config.get_preset("fmnist_cpu"), num_classes=10)
+pixels = config.override(config.get_preset("fmnist_cpu"), {"data.image_size": 28})
+raw = report.raw_pixel_scores(pixels, num_classes=10)
 with open(os.path.join(runs, "fmnist_raw_pixels.json"), "w") as handle:
     json.dump(raw, handle, indent=2)
 print("| encoder | kNN top-1 (k=20) | linear-probe top-1 | pretraining wall |")
@@ -44,5 +49,5 @@ for method in ("nnclr", "self"):
         print(f"| {method} {name.replace('_', ' ')} | {s['knn_top1']:.4f} | {s['linear_top1']:.4f} | "
               + (f"{wall // 60} min {wall % 60:02d} s, {scores['steps']} steps |"
                  if name == "trained" else "– |"))
-print(f"| raw pixels | {raw['knn_top1']:.4f} | {raw['linear_top1']:.4f} | – |")
+print(f"| raw pixels (28x28) | {raw['knn_top1']:.4f} | {raw['linear_top1']:.4f} | – |")
 EOF
