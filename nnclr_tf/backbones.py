@@ -1,7 +1,8 @@
 """Encoders f(.): ResNet-18/34 (basic blocks) and ResNet-50 (`keras.applications`).
 
-Every backbone is a Functional `keras.Model` built from Keras core layers only, so it saves to
-`.keras` and loads back with `safe_mode=True` without custom objects. It maps images
+Every backbone is a Functional `keras.Model` built from Keras core layers and this package's
+`BatchNormalization` (Keras' layer with a fused fast path, registered as serializable), so it saves
+to `.keras` and loads back with `safe_mode=True` once `nnclr_tf` is imported. It maps images
 `[batch, H, W, C]` (float, C in {1, 3}) to global-average-pooled features `[batch, features]`:
 
     encoder = build_backbone("resnet18", (32, 32, 3), cifar_stem=True)
@@ -12,6 +13,8 @@ Every backbone is a Functional `keras.Model` built from Keras core layers only, 
 import math
 
 import keras
+
+from nnclr_tf.batch_norm import BatchNormalization
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 
@@ -76,7 +79,7 @@ def _check_input_shape(input_shape, min_size, what):
 
 
 def _batch_norm(x, synchronized, name, zero_gamma=False):
-    return keras.layers.BatchNormalization(
+    return BatchNormalization(
         momentum=_BN_MOMENTUM,
         epsilon=_BN_EPSILON,
         gamma_initializer="zeros" if zero_gamma else "ones",
@@ -184,6 +187,8 @@ def _resnet50(input_shape, synchronized_bn, zero_init_residual):
     for layer in config["layers"]:
         layer_config = layer["config"]
         if layer["class_name"] == "BatchNormalization":
+            layer.update(module="nnclr_tf.batch_norm",  # the fused fast path (batch_norm.py)
+                         registered_name="nnclr_tf>BatchNormalization")
             layer_config["synchronized"] = bool(synchronized_bn)
             layer_config["momentum"] = _BN_MOMENTUM
             # "convN_blockM_3_bn" closes the residual branch of a bottleneck block.

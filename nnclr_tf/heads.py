@@ -12,6 +12,8 @@ under a mixed_bfloat16 policy.
 import keras
 import tensorflow as tf
 
+from nnclr_tf.batch_norm import BatchNormalization
+
 
 def _check_dims(name, hidden_dims, output_dim):
     dims = tuple(int(d) for d in hidden_dims) + (int(output_dim),)
@@ -25,7 +27,7 @@ def _hidden_layers(hidden_dims, synchronized_bn):
     # Two flat lists (not a list of pairs) so Keras tracks and saves every sublayer.
     dense = [keras.layers.Dense(width, use_bias=False, name=f"dense_{i}")
              for i, width in enumerate(hidden_dims)]
-    bn = [keras.layers.BatchNormalization(synchronized=synchronized_bn, name=f"bn_{i}")
+    bn = [BatchNormalization(synchronized=synchronized_bn, name=f"bn_{i}")
           for i in range(len(hidden_dims))]
     return dense, bn
 
@@ -59,7 +61,7 @@ class ProjectionHead(keras.layers.Layer):
         last = len(self.hidden_dims)
         self.output_dense = keras.layers.Dense(self.output_dim, use_bias=False,
                                                dtype="float32", name=f"dense_{last}")
-        self.output_bn = keras.layers.BatchNormalization(synchronized=self.synchronized_bn,
+        self.output_bn = BatchNormalization(synchronized=self.synchronized_bn,
                                                          dtype="float32", name=f"bn_{last}")
 
     def build(self, input_shape):
