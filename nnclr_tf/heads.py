@@ -23,26 +23,49 @@ def _check_dims(name, hidden_dims, output_dim):
     return dims[:-1], dims[-1]
 
 
-def _hidden_layers(hidden_dims, synchronized_bn):
-    # Two flat lists (not a list of pairs) so Keras tracks and saves every sublayer.
-    dense = [keras.layers.Dense(width, use_bias=False, name=f"dense_{i}")
-             for i, width in enumerate(hidden_dims)]
-    bn = [BatchNormalization(synchronized=synchronized_bn, name=f"bn_{i}")
-          for i in range(len(hidden_dims))]
-    return dense, bn
+class _MLPHead(keras.layers.Layer):
+    """(Dense -> BN -> ReLU) per hidden width, then the subclass's output layers.
 
+    The hidden layers are two flat lists (not a list of pairs) so Keras tracks and saves every
+    sublayer; their names (`dense_i`, `bn_i`) are the weight paths that checkpoints key on.
+    """
 
-def _build_hidden(dense_layers, bn_layers, input_shape):
-    shape = tuple(input_shape)
-    for dense, bn in zip(dense_layers, bn_layers):
-        dense.build(shape)
-        shape = dense.compute_output_shape(shape)
-        bn.build(shape)
-    return shape
+    def __init__(self, hidden_dims, output_dim, synchronized_bn, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dims, self.output_dim = _check_dims(type(self).__name__, hidden_dims,
+                                                        output_dim)
+        self.synchronized_bn = bool(synchronized_bn)
+        self.hidden_dense = [keras.layers.Dense(width, use_bias=False, name=f"dense_{i}")
+                             for i, width in enumerate(self.hidden_dims)]
+        self.hidden_bn = [BatchNormalization(synchronized=self.synchronized_bn, name=f"bn_{i}")
+                          for i in range(len(self.hidden_dims))]
+
+    def _build_hidden(self, input_shape):
+        """Builds the hidden layers; returns the shape they output."""
+        shape = tuple(input_shape)
+        for dense, bn in zip(self.hidden_dense, self.hidden_bn):
+            dense.build(shape)
+            shape = dense.compute_output_shape(shape)
+            bn.build(shape)
+        return shape
+
+    def _hidden(self, x, training):
+        for dense, bn in zip(self.hidden_dense, self.hidden_bn):
+            x = tf.nn.relu(bn(dense(x), training=training))
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(hidden_dims=self.hidden_dims, output_dim=self.output_dim,
+                      synchronized_bn=self.synchronized_bn)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="nnclr_tf")
-class ProjectionHead(keras.layers.Layer):
+class ProjectionHead(_MLPHead):
     """[batch, features] -> [batch, output_dim] float32.
 
     (Dense without bias -> BN -> ReLU) per hidden width, then Dense -> BN without ReLU
@@ -52,71 +75,37 @@ class ProjectionHead(keras.layers.Layer):
 
     def __init__(self, hidden_dims=(2048, 2048), output_dim=256, synchronized_bn=True,
                  **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_dims, self.output_dim = _check_dims("ProjectionHead", hidden_dims,
-                                                        output_dim)
-        self.synchronized_bn = bool(synchronized_bn)
-        self.hidden_dense, self.hidden_bn = _hidden_layers(self.hidden_dims,
-                                                           self.synchronized_bn)
+        super().__init__(hidden_dims, output_dim, synchronized_bn, **kwargs)
         last = len(self.hidden_dims)
         self.output_dense = keras.layers.Dense(self.output_dim, use_bias=False,
                                                dtype="float32", name=f"dense_{last}")
-        self.output_bn = BatchNormalization(synchronized=self.synchronized_bn,
-                                                         dtype="float32", name=f"bn_{last}")
+        self.output_bn = BatchNormalization(synchronized=self.synchronized_bn, dtype="float32",
+                                            name=f"bn_{last}")
 
     def build(self, input_shape):
-        shape = _build_hidden(self.hidden_dense, self.hidden_bn, input_shape)
+        shape = self._build_hidden(input_shape)
         self.output_dense.build(shape)
         self.output_bn.build(self.output_dense.compute_output_shape(shape))
 
     def call(self, features, training=None):
-        x = features
-        for dense, bn in zip(self.hidden_dense, self.hidden_bn):
-            x = tf.nn.relu(bn(dense(x), training=training))
+        x = self._hidden(features, training)
         return self.output_bn(self.output_dense(x), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.output_dim,)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(hidden_dims=self.hidden_dims, output_dim=self.output_dim,
-                      synchronized_bn=self.synchronized_bn)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="nnclr_tf")
-class PredictionHead(keras.layers.Layer):
+class PredictionHead(_MLPHead):
     """[batch, dim] -> [batch, output_dim] float32: (Dense -> BN -> ReLU) per hidden, Dense."""
 
     def __init__(self, hidden_dims=(4096,), output_dim=256, synchronized_bn=True, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_dims, self.output_dim = _check_dims("PredictionHead", hidden_dims,
-                                                        output_dim)
-        self.synchronized_bn = bool(synchronized_bn)
-        self.hidden_dense, self.hidden_bn = _hidden_layers(self.hidden_dims,
-                                                           self.synchronized_bn)
+        super().__init__(hidden_dims, output_dim, synchronized_bn, **kwargs)
         self.output_dense = keras.layers.Dense(self.output_dim, dtype="float32",
                                                name=f"dense_{len(self.hidden_dims)}")
 
     def build(self, input_shape):
-        shape = _build_hidden(self.hidden_dense, self.hidden_bn, input_shape)
-        self.output_dense.build(shape)
+        self.output_dense.build(self._build_hidden(input_shape))
 
     def call(self, z, training=None):
-        x = z
-        for dense, bn in zip(self.hidden_dense, self.hidden_bn):
-            x = tf.nn.relu(bn(dense(x), training=training))
-        return self.output_dense(x)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.output_dim,)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(hidden_dims=self.hidden_dims, output_dim=self.output_dim,
-                      synchronized_bn=self.synchronized_bn)
-        return config
+        return self.output_dense(self._hidden(z, training))
 
 
 @keras.saving.register_keras_serializable(package="nnclr_tf")
