@@ -108,6 +108,28 @@ def get_strategy(name: str = "auto", cpu_replicas: int = 0) -> tf.distribute.Str
     return tf.distribute.TPUStrategy(resolver)
 
 
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True where this process writes the run's files: always, except on the non-chief workers
+    of a MultiWorkerMirroredStrategy (there `index` 0, or the "chief" task, writes)."""
+    return bool(strategy.extended.should_checkpoint)
+
+
+def check_same_step(strategy: tf.distribute.Strategy, step: int, model_dir: str) -> None:
+    """Raises ConfigError on every worker when the workers of a multi-worker run would resume from
+    different steps (each read another copy of `model_dir`); elsewhere it does nothing."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    moments = tf.constant([step, step**2], tf.float64)
+    mean = strategy.reduce(tf.distribute.ReduceOp.MEAN,
+                           strategy.run(lambda: tf.identity(moments)), axis=None).numpy()
+    if mean[1] - mean[0] ** 2 > 0.5:  # the workers' steps vary: every worker sees the same mean
+        raise ConfigError(
+            f"The workers resume from different steps (this worker: {step}, mean over workers: "
+            f"{mean[0]:g}) because they read different copies of run.model_dir {model_dir!r}; put "
+            "the model dir on storage every worker reads (GCS, NFS) or copy the chief's "
+            "checkpoints to each worker's model dir.")
+
+
 def is_tpu(strategy: tf.distribute.Strategy | None) -> bool:
     return isinstance(strategy, (tf.distribute.TPUStrategy,
                                  tf.distribute.experimental.TPUStrategy))

@@ -126,12 +126,15 @@ class RunDir:
             raise ConfigError(f"{self.config_file!r} is not a valid run config ({error}); "
                               "it may be corrupted.") from error
 
-    def checkpoint_manager(self, model, optimizer, keep: int = 3) -> tf.train.CheckpointManager:
+    def checkpoint_manager(self, model, optimizer, keep: int = 3,
+                           directory: str | None = None) -> tf.train.CheckpointManager:
+        """A manager saving into `directory` (default: the run's checkpoints/); `restore` always
+        reads the run's own checkpoints."""
         # Build the optimizer's slots now so a restore fills them instead of deferring.
         optimizer.build(model.trainable_variables)
         self.latest_checkpoint(warn=False)  # a damaged list: the clear error, not the manager's
-        return tf.train.CheckpointManager(model_checkpoint(model, optimizer), self.checkpoints,
-                                          max_to_keep=keep)
+        return tf.train.CheckpointManager(model_checkpoint(model, optimizer),
+                                          directory or self.checkpoints, max_to_keep=keep)
 
     def restore(self, manager: tf.train.CheckpointManager) -> int:
         """Restores the latest checkpoint, if any; returns the step it was taken at (0 if none)."""

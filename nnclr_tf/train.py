@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import tempfile
 
 import keras
 import tensorflow as tf
@@ -87,7 +89,9 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
     """Pretrains NNCLR as configured; resumes from run.model_dir when it holds a checkpoint."""
     config = validate(config)
     d, o, r = config.data, config.optim, config.run
-    distribute.split_cpu(r.cpu_replicas)  # before anything, even preparing a dataset, starts devices
+    # The strategy first: splitting the CPU and configuring a multi-worker cluster's collectives
+    # must happen before anything (even reading a dataset's metadata) starts TensorFlow's devices.
+    strategy = distribute.get_strategy(r.strategy, r.cpu_replicas)
     info = dataset_info(d.dataset, d.train_split, data_dir=d.data_dir)
     input_shape = check_input(config, info.image_shape[-1])
     if info.num_examples < o.batch_size:
@@ -101,7 +105,6 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
     if r.deterministic:
         tf.config.experimental.enable_op_determinism()
     # The precision policy depends on the platform the strategy found (TPU: bfloat16).
-    strategy = distribute.get_strategy(r.strategy, r.cpu_replicas)
     precision = distribute.set_precision(r.mixed_precision, strategy)
     steps_per_epoch, total_steps = schedule_steps(config, info.num_examples)
     log.info("Pretraining %s on %s (%d images): %d steps of %d, %s, %d replica(s).", config.model.backbone,
@@ -113,9 +116,40 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
         optimizer = build_optimizer(config, steps_per_epoch, total_steps)
         model.compile(optimizer=optimizer, jit_compile=r.jit_compile)
         optimizer.build(model.trainable_variables)  # its slots mirror the weights: made in the scope
-    checkpoints = run_dir.checkpoint_manager(model, optimizer, keep=r.keep_checkpoints)
-    start_step = run_dir.restore(checkpoints)
-    run_dir.record_claim(config, input_shape, info.num_classes)  # only once the restore worked
+    # Multi-worker: every worker saves each checkpoint (saving is collective), the chief into the
+    # model dir, the others into a scratch folder deleted at the end; all resume from the model dir.
+    chief = distribute.is_chief(strategy)
+    scratch = None if chief else tempfile.mkdtemp(prefix="nnclr_worker_checkpoints_")
+    try:
+        checkpoints = run_dir.checkpoint_manager(model, optimizer, keep=r.keep_checkpoints,
+                                                 directory=scratch)
+        start_step = run_dir.restore(checkpoints)
+        distribute.check_same_step(strategy, start_step, r.model_dir)
+        if chief:
+            run_dir.record_claim(config, input_shape, info.num_classes)  # once the restore worked
+        history = _train(model, config, info, run_dir, checkpoints, start_step, chief, verbose,
+                         callbacks)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    result = PretrainResult(model=model, history=history, report={}, model_dir=r.model_dir)
+    if not chief:
+        return result
+    if report if report is not None else r.report:
+        from nnclr_tf.report import write_report  # plotting and evaluation only after training
+        result.report = write_report(model, config, run_dir, input_shape, info)
+    elif r.export:
+        run_dir.export(model, input_shape)
+    run_dir.save_model(model)
+    return result
+
+
+def _train(model, config, info, run_dir, checkpoints, start_step, chief, verbose, callbacks) -> dict:
+    """Trains from `start_step` to the configured end, saves the last checkpoint; returns the history."""
+    d, o, r = config.data, config.optim, config.run
+    steps_per_epoch, total_steps = schedule_steps(config, info.num_examples)
+    strategy, channels = model.distribute_strategy, model.encoder.input_shape[-1]
 
     def make_dataset(initial_step):
         # The data stream is a function of (seed, step): a resumed run sees what an uninterrupted one would.
@@ -128,7 +162,7 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
                 image_size=d.image_size, augment=config.augment.preset,
                 crop_scale=config.augment.crop_scale, with_labels=info.num_classes > 0,
                 input_context=input_context, shuffle_buffer=d.shuffle_buffer, seed=r.seed,
-                channels=input_shape[-1], initial_step=initial_step * per_step)
+                channels=channels, initial_step=initial_step * per_step)
         if strategy.num_replicas_in_sync > 1:
             return strategy.distribute_datasets_from_function(dataset_fn)
         return dataset_fn()
@@ -136,17 +170,15 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
     history: dict[str, list] = {}
     if start_step < total_steps:
         checkpoint_callback = CheckpointCallback(checkpoints, every_steps=r.checkpoint_every_steps)
-        monitors = []
-        if config.eval.knn_every_epochs > 0:
+        writers = []  # the chief's: the kNN monitor (before the loggers, which record knn_top1), logs
+        if chief and config.eval.knn_every_epochs > 0:
             from nnclr_tf.report import knn_monitor_callbacks
-            monitors = knn_monitor_callbacks(config, info.num_classes)
-        fit_callbacks = [
-            checkpoint_callback,
-            *monitors,  # before the loggers, so they record knn_top1
-            keras.callbacks.CSVLogger(run_dir.csv_log, append=True),
-            keras.callbacks.TensorBoard(run_dir.tensorboard, update_freq=r.log_every_steps),
-            *callbacks,
-        ]
+            writers += knn_monitor_callbacks(config, info.num_classes)
+        if chief:
+            writers += [keras.callbacks.CSVLogger(run_dir.csv_log, append=True),
+                        keras.callbacks.TensorBoard(run_dir.tensorboard,
+                                                    update_freq=r.log_every_steps)]
+        fit_callbacks = [checkpoint_callback, *writers, *callbacks]
         step = start_step
         for initial_epoch, epochs, steps in plan_segments(start_step, total_steps, steps_per_epoch):
             # Each segment continues the one data stream from the step it starts at.
@@ -166,15 +198,7 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
     else:
         log.info("Model dir %s already holds a finished run (step %d); skipping training.",
                  r.model_dir, start_step)
-
-    result = PretrainResult(model=model, history=history, report={}, model_dir=r.model_dir)
-    if report if report is not None else r.report:
-        from nnclr_tf.report import write_report  # plotting and evaluation only after training
-        result.report = write_report(model, config, run_dir, input_shape, info)
-    elif r.export:
-        run_dir.export(model, input_shape)
-    run_dir.save_model(model)
-    return result
+    return history
 
 
 def plan_segments(start_step: int, total_steps: int, steps_per_epoch: int) -> list[tuple[int, int, int]]:

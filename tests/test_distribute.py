@@ -145,19 +145,21 @@ def free_ports(count):
             s.close()
 
 
-@pytest.mark.slow
-def test_two_workers_match_mirrored_strategy(mirrored, tmp_path):
-    """MultiWorkerMirroredStrategy, two processes on 127.0.0.1, = MirroredStrategy on 2 CPUs."""
+def run_two_workers(tmp_path, tag, args_for, expect_success=True):
+    """Two MultiWorkerMirroredStrategy workers (TF_CONFIG on 127.0.0.1, index 0 the chief) running
+    `distributed_worker.py *args_for(index)`, TMPDIR tmp_path/tmp<index>; killed after 300 s.
+    Returns their outputs."""
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes, paths = [], []
+    processes, logs = [], [tmp_path / f"{tag}{index}.log" for index in range(2)]
     for index in range(2):
-        paths.append(str(tmp_path / f"worker{index}.npz"))
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+        scratch = tmp_path / f"tmp{index}"
+        scratch.mkdir(exist_ok=True)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(scratch), TF_CONFIG=json.dumps(
             {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
-        log = open(tmp_path / f"worker{index}.log", "w", encoding="utf-8")  # pylint: disable=consider-using-with
+        log = open(logs[index], "w", encoding="utf-8")  # pylint: disable=consider-using-with
         processes.append((subprocess.Popen(  # pylint: disable=consider-using-with
-            [sys.executable, WORKER, "multi_worker", paths[-1], *RUN_ARGS], env=env,
-            stdout=log, stderr=subprocess.STDOUT), log))
+            [sys.executable, WORKER, *args_for(index)], env=env, stdout=log,
+            stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + 300
     try:
         for process, _ in processes:
@@ -168,15 +170,58 @@ def test_two_workers_match_mirrored_strategy(mirrored, tmp_path):
                 process.kill()
                 process.wait()
             log.close()
-    outputs = [(tmp_path / f"worker{i}.log").read_text(encoding="utf-8") for i in range(2)]
+    outputs = [log.read_text(encoding="utf-8") for log in logs]
     for (process, _), output in zip(processes, outputs):
-        assert process.returncode == 0 and "WORKER_OK" in output, output[-4000:]
+        succeeded = process.returncode == 0 and "WORKER_OK" in output
+        assert succeeded == expect_success, output[-4000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_workers_match_mirrored_strategy(mirrored, tmp_path):
+    """MultiWorkerMirroredStrategy, two processes on 127.0.0.1, = MirroredStrategy on 2 CPUs."""
+    paths = [str(tmp_path / f"worker{index}.npz") for index in range(2)]
+    run_two_workers(tmp_path, "worker", lambda index: ["multi_worker", paths[index], *RUN_ARGS])
     first, second = Run(paths[0]), Run(paths[1])
     assert first.replicas == second.replicas == 2
     for name in ("embeddings", "labels", "count"):  # the two workers' copies, bitwise
         np.testing.assert_array_equal(first.copies(name)[0], second.copies(name)[0])
     run, _ = mirrored
     assert_same_training(first, run)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_model_dir_and_resume_together(tmp_path):
+    """train.pretrain on two workers with one model dir: the chief writes it, both resume from it;
+    workers that read different copies of it stop with a clear error instead of diverging."""
+    model_dir = tmp_path / "run"
+
+    def pretrain(tag, steps, model_dirs=(model_dir, model_dir)):
+        def args_for(index):
+            return ["pretrain", str(tmp_path / f"{tag}{index}.npz"), f"--steps={steps}",
+                    f"--model_dir={model_dirs[index]}", f"--data_dir={tmp_path / f'tfds{index}'}",
+                    "--strategy=multi_worker"]
+        return args_for
+
+    run_two_workers(tmp_path, "first", pretrain("first", 4))
+    first = [Run(tmp_path / f"first{index}.npz") for index in range(2)]
+    assert [int(run.arrays["end_step"]) for run in first] == [4, 4]
+    np.testing.assert_array_equal(first[0].copies("embeddings")[0], first[1].copies("embeddings")[0])
+    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-4")
+    assert (model_dir / "config.json").is_file() and (model_dir / "nnclr.keras").is_file()
+    # The other worker saved into a scratch folder under its TMPDIR, deleted at the end.
+    assert not list((tmp_path / "tmp1").glob("nnclr_worker_checkpoints_*"))
+
+    run_two_workers(tmp_path, "second", pretrain("second", 6))
+    second = [Run(tmp_path / f"second{index}.npz") for index in range(2)]
+    for run in second:
+        assert int(run.arrays["start_step"]) == 4 and int(run.arrays["end_step"]) == 6
+        np.testing.assert_array_equal(run.arrays["start_queue"], first[0].copies("embeddings")[0])
+
+    outputs = run_two_workers(tmp_path, "third", pretrain("third", 8, (model_dir, tmp_path / "copy")),
+                              expect_success=False)
+    for output in outputs:
+        assert "resume from different steps" in output, output[-4000:]
 
 
 def pretrain_run(tmp_path, name, steps, *args):
