@@ -9,7 +9,7 @@ Prints the machine; its peak arithmetic rate (a 4096^3 matmul, fp32 and bf16, be
 input pipeline's images/s; the lookup at the paper's scale and the enqueue cost
 (benchmarks/lookup.py); the train-step table (benchmarks/train_step.py: each variant in its own
 process for its peak RSS, steps timed round robin, medians); then each goal as a ratio. Families:
-"cpu" = the fmnist_cpu preset (ResNet-18 x0.25, 28x28x1, batch 256), "r18" = ResNet-18 CIFAR stem
+"cpu" = the fmnist_cpu preset (ResNet-18 x0.5, ImageNet stem, 56x56x1, batch 256), "r18" = ResNet-18 CIFAR stem
 at 32x32x3, batch 256, "r50" = ResNet-50 at 96x96x3, batch 32; heads as in their presets.
 "SimCLR (self)" is positive="self": the same backbone and heads, no lookup and no enqueue.
 """
@@ -33,7 +33,7 @@ from train_step import (FAMILIES, PRESET_QUEUE, Variant, median, paired_ratio,  
 BF16, FP32 = "mixed_bfloat16", "float32"
 QUEUES = (4096, 16384, 65536, 98304)
 # Input pipeline per family: (dataset, image size, channels, augmentation preset of the family).
-PIPELINES = {"cpu": ("embedded", 28, 1, "crops"), "r18": ("embedded", 32, 3, "cifar"),
+PIPELINES = {"cpu": ("embedded", 56, 1, "cifar"), "r18": ("embedded", 32, 3, "cifar"),
              "r50": ("embedded", 96, 3, "byol")}
 
 
@@ -52,11 +52,12 @@ def grid(name):
         return [("cpu", 5, _variants("cpu", [("self", BF16, False), ("nn", BF16, False),
                                              ("nn", FP32, False)])),
                 ("r18", 3, _variants("r18", [("self", BF16, False), ("98304", BF16, False)]))]
-    if name == "default":  # the goals, each side by side
+    if name == "default":  # the goals, each side by side, and one ResNet-50 row pair
         cpu = [("self", BF16, False), ("nn", BF16, False), ("98304", BF16, False),
                ("self", FP32, False), ("nn", FP32, False)]
-        return [("cpu", 5, _variants("cpu", cpu)),
-                ("r18", 3, _variants("r18", [("self", BF16, False), ("98304", BF16, False)]))]
+        r18 = [("self", BF16, False), ("98304", BF16, False), ("self", FP32, False)]
+        return [("cpu", 5, _variants("cpu", cpu)), ("r18", 3, _variants("r18", r18)),
+                ("r50", 3, _variants("r50", [("self", BF16, False), ("98304", BF16, False)]))]
     if name == "wide":  # every dimension once: queue sizes, precisions, XLA, three families
         cpu = [("self", BF16, False), ("nn", BF16, False)] + [(q, BF16, False) for q in QUEUES]
         cpu += [("self", FP32, False), ("nn", FP32, False), ("nn", BF16, True)]
