@@ -121,7 +121,9 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
     chief = distribute.is_chief(strategy)
     scratch = None if chief else tempfile.mkdtemp(prefix="nnclr_worker_checkpoints_")
     try:
-        checkpoints = run_dir.checkpoint_manager(model, optimizer, keep=r.keep_checkpoints,
+        # model.optimizer: under mixed_float16, compile wrapped `optimizer` in a LossScaleOptimizer
+        # whose dynamic loss scale must resume too.
+        checkpoints = run_dir.checkpoint_manager(model, model.optimizer, keep=r.keep_checkpoints,
                                                  directory=scratch)
         start_step = run_dir.restore(checkpoints)
         distribute.check_same_step(strategy, start_step, r.model_dir)

@@ -61,6 +61,26 @@ def test_second_run_resumes_from_the_checkpoint(tmp_path):
     assert tf.train.latest_checkpoint(os.path.join(tmp_path, "run", "checkpoints")).endswith("-6")
 
 
+def test_float16_loss_scale_is_checkpointed_and_resumed(tmp_path):
+    """Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer: its dynamic loss
+    scale is optimizer state, saved with the checkpoint and restored on resume."""
+    overrides = {"run.mixed_precision": "mixed_float16"}
+    train.pretrain(tiny(tmp_path, **overrides, **{"optim.train_steps": "2"}), verbose=0)
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    keys = [k for k in reader.get_variable_to_shape_map() if "dynamic_scale" in k]
+    assert keys, sorted(reader.get_variable_to_shape_map())[:20]
+    saved = float(reader.get_tensor(keys[0]))
+    resumed = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            resumed["scale"] = float(self.model.optimizer.dynamic_scale.numpy())
+
+    train.pretrain(tiny(tmp_path, **overrides, **{"optim.train_steps": "3"}), verbose=0,
+                   callbacks=[Probe()])
+    assert resumed["scale"] == saved
+
+
 def test_model_dir_of_another_architecture_is_refused_and_kept(tmp_path):
     train.pretrain(tiny(tmp_path, **{"optim.train_steps": "2"}), verbose=0)
     config_file = tmp_path / "run" / "config.json"
