@@ -82,6 +82,8 @@ class NNCLR(keras.Model):
       synchronized_bn: BN statistics over the global batch (all replicas) in the heads, as in
         the paper; on one device, the same statistics.
       queue_write_mode: "auto", "scatter" (CPU/GPU) or "assign" (TPU); see `SupportSet`.
+      seed: with top_k > 1, the neighbour sampling is a function of (seed, step, replica, view),
+        so a resumed run samples what an uninterrupted one did.
 
     Training batches: dict {"view_1", "view_2"[, "label"]} or tuple (view_1, view_2[, label]),
     views [batch, H, W, C] float in [0, 1]. Evaluation batches: (images, labels), which
@@ -91,7 +93,7 @@ class NNCLR(keras.Model):
     def __init__(self, encoder, projection_hidden_dims=(2048, 2048), projection_dim=256,
                  prediction_hidden_dims=(4096,), queue_size=98304, temperature=0.1,
                  positive="nn", top_k=1, transposed_loss=False, num_classes=0,
-                 synchronized_bn=True, queue_write_mode="auto", **kwargs):
+                 synchronized_bn=True, queue_write_mode="auto", seed=0, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(encoder, keras.Model):
             raise ValueError(f"encoder={encoder!r} is not a keras.Model; pass e.g. "
@@ -116,6 +118,7 @@ class NNCLR(keras.Model):
         self.num_classes = int(num_classes)
         self.synchronized_bn = bool(synchronized_bn)
         self.queue_write_mode = queue_write_mode
+        self.seed = int(seed)
 
         self.projection_head = ProjectionHead(self.projection_hidden_dims, self.projection_dim,
                                               synchronized_bn, name="projection_head")
@@ -178,6 +181,17 @@ class NNCLR(keras.Model):
         self.probe_acc_tracker.update_state(accuracy)
         return loss
 
+    def _sampling_seeds(self, ctx, num_replicas):
+        """Stateless seeds for the top-k draw of each view: (seed, step) folded with the replica."""
+        if self.top_k == 1:
+            return None, None
+        seed = tf.stack([tf.constant(self.seed, tf.int64),
+                         tf.cast(self.optimizer.iterations, tf.int64)])
+        if num_replicas > 1:
+            seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
+        return (tf.random.experimental.stateless_fold_in(seed, 1),
+                tf.random.experimental.stateless_fold_in(seed, 2))
+
     def train_step(self, data):
         view_1, view_2, labels = _unpack_views(data)
         labels = _flat_labels(labels)
@@ -194,8 +208,10 @@ class NNCLR(keras.Model):
             features = self.encoder(tf.concat([view_1, view_2], axis=0), training=True)
             z, p = self._embed(features, training=True)
             z_1, z_2, p_1, p_2 = z[:batch], z[batch:], p[:batch], p[batch:]
-            nn_1, nn_labels = self.support_set.nearest_neighbour(z_1, return_labels=True)
-            nn_2 = self.support_set.nearest_neighbour(z_2)
+            seed_1, seed_2 = self._sampling_seeds(ctx, num_replicas)
+            nn_1, nn_labels = self.support_set.nearest_neighbour(z_1, return_labels=True,
+                                                                 seed=seed_1)
+            nn_2 = self.support_set.nearest_neighbour(z_2, seed=seed_2)
             anchors_1, anchors_2 = (nn_1, nn_2) if self.positive == "nn" else (z_1, z_2)
             gathered, offset = None, 0
             if num_replicas > 1:
@@ -276,7 +292,7 @@ class NNCLR(keras.Model):
             queue_size=self.queue_size, temperature=self.temperature, positive=self.positive,
             top_k=self.top_k, transposed_loss=self.transposed_loss,
             num_classes=self.num_classes, synchronized_bn=self.synchronized_bn,
-            queue_write_mode=self.queue_write_mode)
+            queue_write_mode=self.queue_write_mode, seed=self.seed)
         return config
 
     @classmethod

@@ -102,7 +102,7 @@ class SupportSet(keras.layers.Layer):
         indices = (start + tf.range(filled, dtype=tf.int64)) % self.size
         return tf.gather(tf.convert_to_tensor(self.embeddings), indices)
 
-    def nearest_neighbour(self, z, return_labels=False):
+    def nearest_neighbour(self, z, return_labels=False, seed=None):
         """Nearest stored row by cosine similarity, without gradient.
 
         The [batch, size] similarities are computed chunk by chunk, each at most
@@ -111,6 +111,9 @@ class SupportSet(keras.layers.Layer):
         Args:
           z: [batch, dim] queries (any float dtype; normalised here).
           return_labels: also return the neighbours' labels.
+          seed: with top_k > 1, an int [2] seed for a stateless draw (the same seed, the same
+            picks: a resumed run samples what an uninterrupted one did); None draws from
+            TensorFlow's stateful generator.
 
         Returns:
           [batch, dim] float32 L2-normalised neighbours (and [batch] int32 labels, -1 where
@@ -126,7 +129,9 @@ class SupportSet(keras.layers.Layer):
             candidates = self.nearest_indices(z, bank, filled, self.top_k)  # [batch, top_k]
             # Sample only among valid candidates: fewer than top_k rows may be filled yet.
             num_valid = tf.cast(tf.clip_by_value(filled, 1, self.top_k), tf.float32)
-            draw = tf.random.uniform([tf.shape(z)[0]], dtype=tf.float32)
+            shape = [tf.shape(z)[0]]
+            draw = (tf.random.uniform(shape, dtype=tf.float32) if seed is None else
+                    tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32))
             pick = tf.minimum(tf.cast(draw * num_valid, tf.int32), self.top_k - 1)
             index = tf.gather(candidates, pick, batch_dims=1)
         empty = tf.equal(filled, 0)

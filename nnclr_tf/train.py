@@ -51,7 +51,7 @@ def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: 
         prediction_hidden_dims=m.prediction_hidden_dims, queue_size=m.queue_size,
         temperature=m.temperature, positive=m.positive, top_k=m.top_k,
         transposed_loss=m.transposed_loss, num_classes=num_classes if m.online_probe else 0,
-        synchronized_bn=m.synchronized_bn)
+        synchronized_bn=m.synchronized_bn, seed=config.run.seed)
     model.build((None, *input_shape))
     return model
 

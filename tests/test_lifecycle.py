@@ -224,10 +224,11 @@ def _run_until_blocked(command, timeout):
     raise AssertionError(f"{command} ended (exit {process.wait()}) without reaching its block step")
 
 
-def test_sigkilled_pretrain_resumes_and_ends_bit_identical(tmp_path, data_dir):
+@pytest.mark.parametrize("top_k", [1, 3])  # 3: the neighbour is sampled, statelessly
+def test_sigkilled_pretrain_resumes_and_ends_bit_identical(tmp_path, data_dir, top_k):
     common = ["--preset=tiny", f"--data_dir={data_dir}", "--train_steps=8",
               "--set=run.checkpoint_every_steps=2", "--set=run.deterministic=true",
-              "--set=run.report=false", "--set=run.export=false"]
+              "--set=run.report=false", "--set=run.export=false", f"--set=model.top_k={top_k}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     run_a, run_b = tmp_path / "uninterrupted", tmp_path / "killed"
     # The uninterrupted reference runs alongside the run that gets killed.

@@ -115,6 +115,18 @@ class SupportSetTest(parameterized.TestCase):
                 picked[i].add(index)
         self.assertTrue(all(len(p) > 1 for p in picked), picked)  # it really samples
 
+    def test_top_k_draw_is_a_function_of_the_seed(self):
+        support_set = _support_set(64, 8, top_k=8)
+        rng = np.random.default_rng(4)
+        support_set.enqueue(rng.normal(size=(64, 8)).astype(np.float32))
+        queries = rng.normal(size=(32, 8)).astype(np.float32)
+        lookup = tf.function(support_set.nearest_neighbour)
+        first = lookup(queries, seed=tf.constant([7, 3], tf.int64)).numpy()
+        lookup(queries)  # the stateful generator moves on; the seeded draw does not depend on it
+        np.testing.assert_array_equal(lookup(queries, seed=tf.constant([7, 3], tf.int64)), first)
+        other = lookup(queries, seed=tf.constant([7, 4], tf.int64)).numpy()
+        self.assertFalse(np.array_equal(other, first))
+
     def test_top_k_with_fewer_filled_rows_than_k(self):
         support_set = _support_set(16, 2, top_k=4)
         support_set.embeddings.assign(np.tile([[1.0, 0.0]], (16, 1)).astype(np.float32))
