@@ -44,12 +44,13 @@ def _train_and_infer(layer, x):
 class BatchNormTest(parameterized.TestCase):
 
     @parameterized.product(
-        shape=[(16, 5, 5, 8), (32, 8)],
+        shape=[(16, 5, 5, 16), (32, 16)],
         policy=["float32", "mixed_bfloat16"],
         synchronized=[False, True],
     )
     def test_matches_keras(self, shape, policy, synchronized):
         reference, fused = _pair(shape, policy, synchronized)
+        self.assertTrue(fused._fused_applies(tf.zeros(shape), None))
         x = tf.constant(np.random.default_rng(1).normal(2.0, 3.0, shape).astype(np.float32))
         expected, actual = _train_and_infer(reference, x), _train_and_infer(fused, x)
         self.assertEqual(actual[0].dtype, expected[0].dtype)
@@ -62,13 +63,18 @@ class BatchNormTest(parameterized.TestCase):
             np.testing.assert_allclose(a, e, atol=rtol * np.abs(e).max(), err_msg=name)
 
     def test_frozen_layer_uses_moving_statistics(self):
-        reference, fused = _pair((8, 3, 3, 4), "float32", False)
+        reference, fused = _pair((8, 3, 3, 16), "float32", False)
         for layer in (reference, fused):
-            layer.moving_mean.assign([1.0, 2.0, 3.0, 4.0])
+            layer.moving_mean.assign(np.arange(16, dtype=np.float32))
             layer.trainable = False
-        x = np.random.default_rng(2).normal(size=(8, 3, 3, 4)).astype(np.float32)
+        x = np.random.default_rng(2).normal(size=(8, 3, 3, 16)).astype(np.float32)
         np.testing.assert_allclose(fused(x, training=True), reference(x, training=True), atol=1e-5)
-        np.testing.assert_array_equal(fused.moving_mean, [1.0, 2.0, 3.0, 4.0])
+        np.testing.assert_array_equal(fused.moving_mean, np.arange(16))
+
+    def test_few_channels_defer_to_keras(self):
+        fused = BatchNormalization()
+        self.assertFalse(fused._fused_applies(tf.zeros((4, 3, 3, 8)), None))
+        self.assertTrue(fused._fused_applies(tf.zeros((4, 3, 3, 16)), None))
 
     def test_other_axes_and_masks_defer_to_keras(self):
         x = np.random.default_rng(3).normal(size=(4, 6, 5)).astype(np.float32)
@@ -95,8 +101,8 @@ from nnclr_tf.batch_norm import BatchNormalization
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
     layer = BatchNormalization(momentum=0.0, synchronized=sys.argv[1] == "sync")
-    layer.build((None, 2))
-x = np.concatenate([np.zeros((4, 2), np.float32), np.full((4, 2), 4.0, np.float32)])
+    layer.build((None, 16))
+x = np.concatenate([np.zeros((4, 16), np.float32), np.full((4, 16), 4.0, np.float32)])
 batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(x))
 strategy.run(tf.function(lambda batch: layer(batch, training=True)), args=(next(iter(batches)),))
 print("STATS", *layer.moving_mean.numpy(), *layer.moving_variance.numpy())
@@ -117,5 +123,5 @@ def test_statistics_under_two_replicas(mode, mean, variance):
     assert line, result.stderr[-3000:]
     stats = np.array(line[0].split()[1:], np.float32)
     if mean is not None:
-        np.testing.assert_allclose(stats[:2], mean, atol=1e-6)
-    np.testing.assert_allclose(stats[2:], variance, atol=1e-5)
+        np.testing.assert_allclose(stats[:16], mean, atol=1e-6)
+    np.testing.assert_allclose(stats[16:], variance, atol=1e-5)
