@@ -61,11 +61,6 @@ class RunDir:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def claim(self, config: Config, input_shape, num_classes: int) -> None:
-        """Records the run's config; refuses a model dir whose checkpoints have another architecture."""
-        self.check_claim(config, input_shape, num_classes)
-        self.record_claim(config, input_shape, num_classes)
-
     def check_claim(self, config: Config, input_shape, num_classes: int) -> None:
         """Raises ConfigError if the model dir is a file or holds checkpoints of another architecture."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):

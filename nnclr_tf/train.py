@@ -173,10 +173,10 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, verbose
     if start_step < total_steps:
         checkpoint_callback = CheckpointCallback(checkpoints, every_steps=r.checkpoint_every_steps)
         writers = []  # the chief's: the kNN monitor (before the loggers, which record knn_top1), logs
-        if chief and config.eval.knn_every_epochs > 0:
-            from nnclr_tf.report import knn_monitor_callbacks
-            writers += knn_monitor_callbacks(config, info.num_classes)
         if chief:
+            if config.eval.knn_every_epochs > 0:
+                from nnclr_tf.report import knn_monitor_callbacks
+                writers += knn_monitor_callbacks(config, info.num_classes)
             writers += [keras.callbacks.CSVLogger(run_dir.csv_log, append=True),
                         keras.callbacks.TensorBoard(run_dir.tensorboard,
                                                     update_freq=r.log_every_steps)]
