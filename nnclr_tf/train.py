@@ -194,7 +194,7 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, verbose
         if checkpoint_callback.diverged_at is not None:
             raise TrainingDivergedError(
                 f"Training stopped at step {checkpoint_callback.diverged_at}: the loss is not finite "
-                f"(NaN or Inf). The last good checkpoint in {checkpoints.directory} was kept; lower the "
+                f"(NaN or Inf). The last good checkpoint in {run_dir.checkpoints} was kept; lower the "
                 "learning rate or check the input data, then run the same command to resume.")
         save_checkpoint(checkpoints, model)
     else:
