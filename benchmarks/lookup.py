@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from nnclr_tf.support_set import DEFAULT_MAX_SIMILARITY_BYTES, SupportSet  # noqa: E402
+from train_step import status_bytes  # noqa: E402  (benchmarks/ is first on sys.path)
 
 MIB = 2**20
 BOUNDS = {"whole": None, "16 MiB (default)": 16 * MIB, "4 MiB": 4 * MIB}
@@ -34,16 +35,6 @@ def _filled(size, dim, bound, seed=0):
     return support_set
 
 
-def _rss_bytes():
-    with open("/proc/self/status", encoding="ascii") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
-
-
-def _peak_rss_bytes():
-    with open("/proc/self/status", encoding="ascii") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
-
-
 def lookup_memory(size, dim, batch, bound):
     """Peak RSS growth (bytes) of a first lookup over the filled queue, in a fresh process."""
     queries = tf.constant(np.random.default_rng(1).normal(size=(batch, dim)).astype(np.float32))
@@ -52,11 +43,11 @@ def lookup_memory(size, dim, batch, bound):
     tf.function(_filled(1024, dim, None).nearest_neighbour)(queries).numpy()
     support_set = _filled(size, dim, bound)
     lookup = tf.function(support_set.nearest_neighbour).get_concrete_function(queries)
-    before = _rss_bytes()
+    before = status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
         clear.write("5")  # resets the peak (VmHWM) to the current RSS
     lookup(queries).numpy()
-    return _peak_rss_bytes() - before
+    return status_bytes("VmHWM") - before
 
 
 def _memory_in_subprocess(size, dim, batch, bound):

@@ -97,10 +97,13 @@ def step_flops(variant, forward):
     return 3 * forward * 2 * batch + lookup
 
 
-def _peak_rss_bytes():
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec.
+def status_bytes(field):
+    """A kB field of /proc/self/status in bytes: "VmRSS" (resident now) or "VmHWM" (peak).
+
+    VmHWM, not ru_maxrss, for the peak: Linux carries ru_maxrss over from the parent through fork
+    and exec."""
     with open("/proc/self/status", encoding="ascii") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
 
 
 def worker(spec):
@@ -124,7 +127,7 @@ def worker(spec):
             print(f"TIME {time.perf_counter() - wall} {time.process_time() - cpu}", flush=True)
         else:
             break
-    print(f"PEAK {_peak_rss_bytes()}", flush=True)
+    print(f"PEAK {status_bytes('VmHWM')}", flush=True)
 
 
 # ----------------------------------------------------------------------------- parent side
