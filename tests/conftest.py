@@ -5,6 +5,9 @@ Test modules (pytest or absl parameterized.TestCase) import them with
 """
 
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 
 import keras
@@ -75,6 +78,38 @@ def round_trip(layer, inputs, directory=None, atol=1e-6, **call_kwargs):
     reloaded = [l for l in loaded.layers if l.name == layer.name]
     assert len(reloaded) == 1 and type(reloaded[0]) is type(layer), loaded.layers
     return reloaded[0]
+
+
+def nnclr_command():
+    """The installed `nnclr` console script beside this interpreter (`python -m nnclr_tf` without one)."""
+    script = shutil.which("nnclr", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "nnclr_tf"]
+
+
+def run_nnclr(*args, cwd, data_dir=None, timeout=600, env=None, check=False):
+    """Runs `nnclr *args` as a user types it: a subprocess whose working directory is `cwd`, so
+    relative paths in `args` resolve there. Returns the CompletedProcess (text stdout / stderr).
+
+    `data_dir` becomes TFDS_DATA_DIR (where TFDS looks when no --data_dir is given), so tests share
+    one prepared copy of the embedded data instead of writing into ~/tensorflow_datasets.
+    """
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    if data_dir is not None:
+        environment["TFDS_DATA_DIR"] = str(data_dir)
+    done = subprocess.run([*nnclr_command(), *args], cwd=str(cwd), capture_output=True, text=True,
+                          timeout=timeout, env=environment, stdin=subprocess.DEVNULL, check=False)
+    if check:
+        assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    return done
+
+
+@pytest.fixture(scope="session", name="embedded_data_dir")
+def embedded_data_dir_fixture(tmp_path_factory):
+    """A TFDS data_dir holding the prepared embedded dataset, shared by the whole session (per worker)."""
+    from nnclr_tf.data import dataset_info
+    data_dir = tmp_path_factory.getbasetemp() / "tfds_embedded"
+    dataset_info("embedded", data_dir=str(data_dir))
+    return str(data_dir)
 
 
 @pytest.fixture(name="tiny_encoder")
