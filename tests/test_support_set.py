@@ -1,6 +1,7 @@
 """SupportSet: FIFO order, nearest neighbours against brute force, masking, round trip."""
 
 import collections
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -14,6 +15,28 @@ MODES = (("scatter", "scatter"), ("assign", "assign"), ("auto", "auto"))
 
 def _normalise(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _ranks(neighbours, bank, top):
+    """Rank of each returned row among its query's nearest rows `top` [batch, k]; -1 if absent."""
+    index = np.argmin(np.abs(neighbours[:, None, :] - bank[None]).sum(-1), axis=1)
+    hits = top == index[:, None]
+    return np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
+
+
+def chi_square_p_value(counts):
+    """P(chi-square >= the statistic of `counts`) under equal category probabilities.
+
+    Pearson's statistic has len(counts) - 1 degrees of freedom; for an even number 2m of them the
+    survival function is closed form, exp(-x/2) * sum_{j<m} (x/2)^j / j! (no SciPy here).
+    """
+    counts = np.asarray(counts, np.float64)
+    expected = counts.sum() / len(counts)
+    statistic = float(np.sum((counts - expected) ** 2 / expected))
+    dof = len(counts) - 1
+    assert dof % 2 == 0, "use an odd number of categories"
+    half = statistic / 2
+    return float(np.exp(-half) * sum(half ** j / math.factorial(j) for j in range(dof // 2)))
 
 
 def _support_set(size, dim, write_mode="scatter", **kwargs):
@@ -106,14 +129,46 @@ class SupportSetTest(parameterized.TestCase):
         queries = rng.normal(size=(4, dim)).astype(np.float32)
         top = np.argsort(-(_normalise(queries) @ bank.T), axis=1)[:, :k]
         lookup = tf.function(support_set.nearest_neighbour)
-        picked = [set() for _ in queries]
-        for _ in range(40):
-            neighbours = lookup(queries).numpy()
-            for i, row in enumerate(neighbours):
-                index = int(np.argmin(np.abs(bank - row).sum(axis=1)))
-                self.assertIn(index, top[i])
-                picked[i].add(index)
-        self.assertTrue(all(len(p) > 1 for p in picked), picked)  # it really samples
+        for _ in range(10):
+            ranks = _ranks(lookup(queries).numpy(), bank, top)
+            self.assertTrue(np.all(ranks >= 0), ranks)
+
+    @parameterized.named_parameters(("stateless", True), ("stateful", False))
+    def test_top_k_draw_is_uniform_over_the_k_candidates(self, seeded):
+        # Every query's pick, as its rank among the query's k nearest rows, is uniform on 0..k-1:
+        # a chi-square test over 5,000 picks (1,000 expected per rank) at p = 1e-4. The seeds are
+        # fixed, so the test is deterministic; a draw that never picks the k-th row, or favours
+        # the nearest, gives p < 1e-30.
+        size, dim, k, batch = 64, 8, 5, 500
+        support_set = _support_set(size, dim, top_k=k)
+        rng = np.random.default_rng(5)
+        bank = _normalise(rng.normal(size=(size, dim)).astype(np.float32))
+        support_set.enqueue(bank)
+        queries = rng.normal(size=(batch, dim)).astype(np.float32)
+        top = np.argsort(-(_normalise(queries) @ bank.T), axis=1)[:, :k]
+        lookup = tf.function(support_set.nearest_neighbour)
+        tf.random.set_seed(6)  # the stateful generator's draws
+        ranks = []
+        for call in range(10):
+            seed = tf.constant([6, call], tf.int64) if seeded else None
+            ranks.append(_ranks(lookup(queries, seed=seed).numpy(), bank, top))
+        ranks = np.concatenate(ranks)
+        self.assertTrue(np.all(ranks >= 0))  # only true top-k rows
+        counts = np.bincount(ranks, minlength=k)
+        self.assertGreater(chi_square_p_value(counts), 1e-4, counts)
+
+    def test_top_k_draw_is_uniform_over_the_filled_rows_when_fewer_than_k(self):
+        # 3 rows filled, top_k = 5: each pick is uniform over the 3 (2 degrees of freedom).
+        support_set = _support_set(16, 4, top_k=5)
+        rows = _normalise(np.random.default_rng(7).normal(size=(3, 4)).astype(np.float32))
+        support_set.enqueue(rows)
+        queries = np.random.default_rng(8).normal(size=(3000, 4)).astype(np.float32)
+        picked = support_set.nearest_neighbour(queries, seed=tf.constant([8, 0], tf.int64)).numpy()
+        top = np.argsort(-(_normalise(queries) @ rows.T), axis=1)  # [batch, 3]
+        ranks = _ranks(picked, rows, top)
+        self.assertTrue(np.all(ranks >= 0))  # never an unfilled slot
+        counts = np.bincount(ranks, minlength=3)
+        self.assertGreater(chi_square_p_value(counts), 1e-4, counts)
 
     def test_top_k_draw_is_a_function_of_the_seed(self):
         support_set = _support_set(64, 8, top_k=8)
