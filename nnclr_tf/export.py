@@ -9,6 +9,10 @@ Two formats:
       export_encoder(model.encoder, "export/1", image_size=32, channels=3)
       encoder = load_encoder("export/1")
       out = encoder(images_uint8)   # {"features": [N, D], "embeddings": [N, E]}
+      encoder.info["precision"]     # "float32": export.json inside the export says how it was made
+
+  It computes in float32 by default, whatever mixed-precision policy the model
+  was trained under (16-bit serving moves the embeddings by ~1e-2).
 
   The same SavedModel loads in TF Serving, `tf.saved_model.load` or
   `keras.layers.TFSMLayer(path, call_endpoint="serving_default")`.
@@ -18,6 +22,7 @@ Two formats:
 
 import importlib
 import importlib.util
+import json
 import os
 import uuid
 
@@ -27,6 +32,8 @@ import tensorflow as tf
 
 SERVING_SIGNATURE = "serving_default"
 FLOAT_SIGNATURE = "embed_float"
+INFO_FILE = "export.json"  # inside the SavedModel folder, so it travels with it
+PRECISIONS = ("float32", "as_trained")
 _SUPPORTED_CHANNELS = (1, 3)
 
 
@@ -153,7 +160,43 @@ def _replace(tmp_path, path):
             tf.io.gfile.remove(backup)
 
 
-def export_encoder(encoder, path, image_size, channels, projection_head=None, overwrite=False):
+def _float32_policies(serialized):
+    """The serialized Keras object with every dtype policy that is not float32 set to float32."""
+    if isinstance(serialized, dict):
+        if serialized.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
+            return {**serialized, "config": {**serialized["config"], "name": "float32"}}
+        return {key: _float32_policies(value) for key, value in serialized.items()}
+    if isinstance(serialized, list):
+        return [_float32_policies(value) for value in serialized]
+    if isinstance(serialized, str) and serialized.startswith("mixed_"):
+        return "float32"
+    return serialized
+
+
+def float32_copy(layer):
+    """`layer` (a built Keras layer or model) computing in float32, with the same weights.
+
+    Under a mixed policy the variables are float32 but the computation runs in 16 bits. The copy
+    is rebuilt from the layer's config with every policy set to float32, then given its weights.
+    Returns `layer` itself when its config holds no other policy.
+    """
+    serialized = keras.saving.serialize_keras_object(layer)
+    rewritten = _float32_policies(serialized)
+    if rewritten == serialized:
+        return layer
+    previous = keras.config.dtype_policy()
+    # Sublayers that a layer creates in its __init__ take the global policy, not its own.
+    keras.config.set_dtype_policy("float32")
+    try:
+        copy = keras.saving.deserialize_keras_object(rewritten)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    copy.set_weights(layer.get_weights())
+    return copy
+
+
+def export_encoder(encoder, path, image_size, channels, projection_head=None, overwrite=False,
+                   precision="float32", info=None):
     """Writes a SavedModel serving `encoder` on raw images.
 
     Signatures:
@@ -165,7 +208,8 @@ def export_encoder(encoder, path, image_size, channels, projection_head=None, ov
     are `projection_head(features)` when a head is given, else the features.
 
     The export is written beside `path` and renamed into place, so a crash never
-    leaves a half-written export at `path`.
+    leaves a half-written export at `path`. `path`/export.json records how it was
+    made: precision, the trained policy, image size, channels, output sizes, `info`.
 
     Args:
       encoder: keras.Model, images `[batch, S, S, channels]` in [0, 1] -> `[batch, D]`.
@@ -174,12 +218,17 @@ def export_encoder(encoder, path, image_size, channels, projection_head=None, ov
       channels: the encoder's channel count (1 or 3).
       projection_head: optional Keras layer `[batch, D] -> [batch, E]`.
       overwrite: replace an existing export at `path`.
+      precision: "float32" (serve in float32 whatever policy the model was trained
+        under) or "as_trained" (keep its policy, e.g. mixed_bfloat16).
+      info: optional dict of JSON values added to export.json (e.g. the run it came from).
 
     Returns:
       `path`.
     """
     path = os.fspath(path)
     _check_export_args(encoder, image_size, channels)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}.")
     if not overwrite and _is_nonempty(path):
         raise ValueError(
             f"Export path {path!r} already exists and is not empty; choose a new path "
@@ -189,7 +238,24 @@ def export_encoder(encoder, path, image_size, channels, projection_head=None, ov
     # One eager call builds an unbuilt head and fails early on a mismatched encoder.
     probe = encoder(tf.zeros([1, image_size, image_size, channels]), training=False)
     if projection_head is not None:
-        projection_head(tf.cast(probe, tf.float32), training=False)
+        embeddings_dim = projection_head(tf.cast(probe, tf.float32), training=False).shape[-1]
+    else:
+        embeddings_dim = probe.shape[-1]
+    trained_precision = encoder.dtype_policy.name
+    if precision == "float32":
+        encoder = float32_copy(encoder)
+        projection_head = None if projection_head is None else float32_copy(projection_head)
+    export_info = {
+        **(info or {}),
+        "precision": encoder.dtype_policy.name, "trained_precision": trained_precision,
+        "image_size": int(image_size), "channels": int(channels),
+        "features_dim": int(probe.shape[-1]), "embeddings_dim": int(embeddings_dim),
+        "projection_head": projection_head is not None,
+        "signatures": {
+            SERVING_SIGNATURE: "uint8 images [N, H, W, 1 or 3], any H and W",
+            FLOAT_SIGNATURE: f"float32 images [N, {image_size}, {image_size}, {channels}] in [0, 1]",
+        },
+    }
 
     def embed(images):
         features = tf.cast(encoder(images, training=False), tf.float32)
@@ -225,6 +291,8 @@ def export_encoder(encoder, path, image_size, channels, projection_head=None, ov
     tmp_path = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         archive.write_out(tmp_path, verbose=False)
+        with tf.io.gfile.GFile(f"{tmp_path}/{INFO_FILE}", "w") as handle:
+            handle.write(json.dumps(export_info, indent=2, sort_keys=True))
         _replace(tmp_path, path)
     finally:
         if tf.io.gfile.exists(tmp_path):
@@ -254,11 +322,13 @@ class ExportedEncoder:
     `encoder(images)` -> {"features": [N, D], "embeddings": [N, E]} (tf.Tensors);
     `encoder.predict(images, batch_size)` -> the same as NumPy, in batches;
     `encoder.embed_float(images)` for float32 `[N, S, S, C]` inputs in [0, 1].
-    `image_size` and `channels` are read back from the `embed_float` signature.
+    `image_size` and `channels` are read back from the `embed_float` signature;
+    `info` is the export's export.json ({} for an export written without one).
     """
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, info=None):
         self.loaded = loaded
+        self.info = dict(info or {})
         self.signatures = loaded.signatures
         self._serve = loaded.signatures[SERVING_SIGNATURE]
         self._embed_float = loaded.signatures[FLOAT_SIGNATURE]
@@ -292,9 +362,14 @@ def load_encoder(path):
     path = os.fspath(path)
     if not tf.io.gfile.isdir(path):
         raise ValueError(f"No encoder export at {path!r}: the directory does not exist.")
+    info_file = f"{path.rstrip('/')}/{INFO_FILE}"
     try:
         loaded = tf.saved_model.load(path)
-        return ExportedEncoder(loaded)
+        info = None
+        if tf.io.gfile.exists(info_file):
+            with tf.io.gfile.GFile(info_file) as handle:
+                info = json.load(handle)
+        return ExportedEncoder(loaded, info)
     except Exception as error:  # TF raises many types for a damaged SavedModel.
         raise ValueError(
             f"{path!r} is not a readable encoder SavedModel (missing or corrupted files, "

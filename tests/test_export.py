@@ -1,5 +1,6 @@
 """Tests for nnclr_tf.export: SavedModel serving of the encoder and .keras round trips."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -164,6 +165,67 @@ class ExportEncoderTest(parameterized.TestCase):
         empty = make_tempdir(self)
         with self.assertRaisesRegex(ValueError, "not a readable encoder SavedModel"):
             export.load_encoder(empty)
+
+
+def mixed_precision_pair(seed=0):
+    """(encoder, head) built under mixed_bfloat16 and their float32 twins holding the same weights.
+
+    The head is the package's ProjectionHead, whose hidden layers are made in its __init__.
+    """
+    from nnclr_tf.heads import ProjectionHead
+    models = []
+    for policy in ("mixed_bfloat16", "float32"):
+        keras.mixed_precision.set_dtype_policy(policy)
+        try:
+            encoder = tiny_encoder(seed=seed)
+            head = ProjectionHead(hidden_dims=(16,), output_dim=5)
+            head(encoder(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)))
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        models.append((encoder, head))
+    (mixed, mixed_head), (plain, plain_head) = models
+    plain.set_weights(mixed.get_weights())
+    plain_head.set_weights(mixed_head.get_weights())
+    return mixed, mixed_head, plain, plain_head
+
+
+class ExportPrecisionTest(parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.path = os.path.join(make_tempdir(self), "encoder")
+        self.images = random_images((4, 20, 24, 3), seed=3)
+
+    def test_mixed_precision_model_serves_in_float32_by_default(self):
+        mixed, mixed_head, plain, plain_head = mixed_precision_pair()
+        export.export_encoder(mixed, self.path, IMAGE_SIZE, 3, projection_head=mixed_head,
+                              info={"model_dir": "runs/x"})
+        wrapped = export.load_encoder(self.path)
+        features, embeddings = reference(plain, self.images, plain_head)
+        out = wrapped(self.images)
+        np.testing.assert_allclose(out["features"].numpy(), features, atol=1e-5)
+        np.testing.assert_allclose(out["embeddings"].numpy(), embeddings, atol=1e-5)
+        with open(os.path.join(self.path, "export.json")) as handle:
+            info = json.load(handle)
+        self.assertEqual(info, wrapped.info)
+        self.assertEqual((info["precision"], info["trained_precision"]), ("float32", "mixed_bfloat16"))
+        self.assertEqual((info["image_size"], info["channels"], info["embeddings_dim"]), (16, 3, 5))
+        self.assertEqual(info["model_dir"], "runs/x")
+        # The model being exported is left as it was trained.
+        self.assertEqual(mixed.dtype_policy.name, "mixed_bfloat16")
+
+    def test_as_trained_keeps_the_mixed_policy_and_records_it(self):
+        mixed, mixed_head, plain, plain_head = mixed_precision_pair()
+        export.export_encoder(mixed, self.path, IMAGE_SIZE, 3, projection_head=mixed_head,
+                              precision="as_trained")
+        wrapped = export.load_encoder(self.path)
+        self.assertEqual(wrapped.info["precision"], "mixed_bfloat16")
+        # bfloat16 keeps 8 bits of mantissa: the served features move well beyond float32 round-off.
+        features, _ = reference(plain, self.images, plain_head)
+        self.assertGreater(np.abs(wrapped(self.images)["features"].numpy() - features).max(), 1e-3)
+
+    def test_unknown_precision_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "precision='bf16'"):
+            export.export_encoder(tiny_encoder(), self.path, IMAGE_SIZE, 3, precision="bf16")
 
 
 class PreprocessTest(parameterized.TestCase):
