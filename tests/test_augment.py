@@ -250,6 +250,36 @@ class LayersTest(parameterized.TestCase):
         out = GaussianBlur(5, (0.5, 2.0))(images).numpy()
         self.assertGreater(len(np.unique(out[:, 0, 0, 0].round(5))), 60)
 
+    @parameterized.parameters((1, 224), (2, 224), (1, 32))
+    def test_view_blur_sigma_is_uniform_in_byol_range(self, view, image_size):
+        # The views' blur stage on impulses: each output is kernel x kernel^T, so the ratio of the
+        # centre to its neighbour gives the image's sigma (k0 / k1 = exp(1 / (2 sigma^2))). The
+        # sigmas must fill BYOL's [0.1, 2.0] uniformly (Kolmogorov-Smirnov at p = 1e-4), and
+        # each output must equal NumPy's normalised Gaussian of that sigma.
+        blur = view_augmenter(view, image_size, seed=21).stage("blur").layer
+        radius, n, side = blur.kernel_size // 2, 2000, 2 * blur.kernel_size + 1
+        centre = side // 2
+        impulses = np.zeros((n, side, side, 1), np.float32)
+        impulses[:, centre, centre] = 1.0
+        out = blur(impulses).numpy()[..., 0].astype(np.float64)
+        sigma = np.sqrt(0.5 / np.log(out[:, centre, centre] / out[:, centre, centre + 1]))
+
+        low, high = 0.1, 2.0
+        self.assertTrue(np.all((sigma > low - 1e-3) & (sigma < high + 1e-3)),
+                        (sigma.min(), sigma.max()))
+        uniform = np.sort((sigma - low) / (high - low))
+        ks = np.max(np.maximum(np.arange(1, n + 1) / n - uniform, uniform - np.arange(n) / n))
+        self.assertLess(ks, np.sqrt(np.log(2 / 1e-4) / 2) / np.sqrt(n), (sigma.min(), sigma.max()))
+
+        taps = np.arange(-radius, radius + 1)
+        for i in range(0, n, 97):
+            kernel = np.exp(-taps ** 2 / (2 * sigma[i] ** 2))
+            kernel /= kernel.sum()
+            expected = np.zeros((side, side))
+            expected[centre - radius:centre + radius + 1, centre - radius:centre + radius + 1] = (
+                np.outer(kernel, kernel))
+            np.testing.assert_allclose(out[i], expected, atol=1e-6, err_msg=f"sigma {sigma[i]}")
+
     def test_solarize_and_flip(self):
         images = np.random.default_rng(5).random((2, 4, 5, 3), dtype=np.float32)
         np.testing.assert_allclose(Solarize(0.5)(images),
