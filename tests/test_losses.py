@@ -11,15 +11,24 @@ def _normalise(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def reference_term(anchors, predictions, tau):
-    """L_i = -log(exp(a_i . p_i / tau) / sum_k exp(a_i . p_k / tau)), averaged over i (float64)."""
+def reference_rows(anchors, predictions, tau, offset=0):
+    """L_i = -log(exp(a_i . p_(i+offset) / tau) / sum_k exp(a_i . p_k / tau)) per row i (float64).
+
+    `predictions` holds every column (all-gathered ones, for cross-replica negatives); row i's
+    positive is column i + offset.
+    """
     a = _normalise(anchors.astype(np.float64))
     p = _normalise(predictions.astype(np.float64))
     losses = []
     for i in range(len(a)):
         scores = np.array([a[i] @ p[k] / tau for k in range(len(p))])
-        losses.append(-(scores[i] - np.log(np.sum(np.exp(scores)))))
-    return np.mean(losses)
+        losses.append(-(scores[i + offset] - np.log(np.sum(np.exp(scores)))))
+    return np.array(losses)
+
+
+def reference_term(anchors, predictions, tau):
+    """The mean of `reference_rows` over the batch."""
+    return np.mean(reference_rows(anchors, predictions, tau))
 
 
 def reference_nnclr(nn_1, nn_2, p_1, p_2, tau, transposed):
@@ -55,14 +64,34 @@ class LossTest(parameterized.TestCase):
         self.assertAlmostEqual(float(got), reference_nnclr(nn_1, nn_2, p_1, p_2, 0.1, transposed),
                                delta=1e-5)
 
-    def test_reduction_none_and_bfloat16_inputs(self):
+    @parameterized.parameters(0.1, 0.5)
+    def test_reduction_none_and_sum_per_row(self, tau):
         nn_1, _, _, p_2 = _batch(2)
-        per_row = contrastive_loss(tf.cast(nn_1, tf.bfloat16), tf.cast(p_2, tf.bfloat16), 0.1,
-                                   reduction="none")
+        expected = reference_rows(nn_1, p_2, tau)
+        per_row = contrastive_loss(nn_1, p_2, tau, reduction="none")
         self.assertEqual(per_row.dtype, tf.float32)
-        self.assertEqual(per_row.shape, (6,))
-        self.assertAlmostEqual(float(tf.reduce_mean(per_row)), reference_term(nn_1, p_2, 0.1),
-                               delta=0.1)
+        np.testing.assert_allclose(per_row.numpy(), expected, rtol=0, atol=1e-5)
+        self.assertGreater(np.ptp(expected), 0.1)  # the rows really differ: no mean passes
+        self.assertAlmostEqual(float(contrastive_loss(nn_1, p_2, tau, reduction="sum")),
+                               expected.sum(), delta=1e-4)
+
+    def test_reduction_none_with_gathered_columns(self):
+        # A replica's rows 4..7 of a global batch of 8: row i's positive is global column i + 4.
+        nn_1, _, _, p_2 = _batch(5, batch=8)
+        per_row = contrastive_loss(nn_1[4:], p_2[4:], 0.1, reduction="none",
+                                   predictions_global=p_2, label_offset=4)
+        np.testing.assert_allclose(per_row.numpy(), reference_rows(nn_1[4:], p_2, 0.1, offset=4),
+                                   rtol=0, atol=1e-5)
+
+    def test_reduction_none_of_bfloat16_inputs_is_float32(self):
+        nn_1, _, _, p_2 = _batch(2)
+        nn_1, p_2 = tf.cast(nn_1, tf.bfloat16), tf.cast(p_2, tf.bfloat16)
+        per_row = contrastive_loss(nn_1, p_2, 0.1, reduction="none")
+        self.assertEqual(per_row.dtype, tf.float32)
+        # Against the reference on the bfloat16-rounded inputs: the math after the cast is float32.
+        expected = reference_rows(tf.cast(nn_1, tf.float32).numpy(),
+                                  tf.cast(p_2, tf.float32).numpy(), 0.1)
+        np.testing.assert_allclose(per_row.numpy(), expected, rtol=0, atol=1e-4)
 
     @parameterized.parameters(False, True)
     def test_gathered_negatives_equal_global_batch(self, transposed):
