@@ -8,10 +8,16 @@
 
 The pieces stand alone: `SupportSet` (the queue and its nearest-neighbour lookup), `losses`
 (the NNCLR and SimCLR-style contrastive losses), the heads, the augmentations and the optimizer.
-TensorFlow is imported on first use of these names, so `nnclr_tf.config` stays light.
+Every submodule is an attribute (`nnclr_tf.optim.LARS`, `nnclr_tf.backbones.build_backbone`).
+TensorFlow is imported on first use of these names, so `nnclr_tf.config` stays light; once Keras
+is loaded every class this package saves is registered, so `keras.models.load_model` reads a
+`.keras` file after a bare `import nnclr_tf` (see `nnclr_tf.registration`).
 """
 
 import importlib
+import importlib.util
+
+from nnclr_tf import registration
 
 __version__ = "0.1.0"
 
@@ -39,7 +45,8 @@ _EXPORTS = {
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("losses", "augment", "data", "evaluate", "export", "config", "train"):
+    # Submodules load on first access, in any order: nnclr_tf.optim, nnclr_tf.evaluation, ...
+    if not name.startswith("_") and importlib.util.find_spec(f"nnclr_tf.{name}") is not None:
         return importlib.import_module(f"nnclr_tf.{name}")
     raise AttributeError(f"module 'nnclr_tf' has no attribute {name!r}")
 
@@ -49,3 +56,5 @@ def __dir__():
 
 
 __all__ = sorted(_EXPORTS)
+
+registration.install()

@@ -35,9 +35,14 @@ class _MLPHead(keras.layers.Layer):
         self.hidden_dims, self.output_dim = _check_dims(type(self).__name__, hidden_dims,
                                                         output_dim)
         self.synchronized_bn = bool(synchronized_bn)
-        self.hidden_dense = [keras.layers.Dense(width, use_bias=False, name=f"dense_{i}")
+        # The hidden layers follow the head's policy (Keras does not pass it down to sublayers),
+        # so a head saved under mixed_bfloat16 loads as one in a float32 process.
+        policy = self.dtype_policy
+        self.hidden_dense = [keras.layers.Dense(width, use_bias=False, dtype=policy,
+                                                name=f"dense_{i}")
                              for i, width in enumerate(self.hidden_dims)]
-        self.hidden_bn = [BatchNormalization(synchronized=self.synchronized_bn, name=f"bn_{i}")
+        self.hidden_bn = [BatchNormalization(synchronized=self.synchronized_bn, dtype=policy,
+                                             name=f"bn_{i}")
                           for i in range(len(self.hidden_dims))]
 
     def _build_hidden(self, input_shape):

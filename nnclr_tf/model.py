@@ -13,37 +13,19 @@ negatives -> gradients -> optimizer -> enqueue the all-gathered z of view 1.
 """
 
 import collections.abc
+import inspect
+import re
 
 import keras
 import tensorflow as tf
+from keras.src.utils import summary_utils  # Keras' own byte formatting, for `summary`
 
+from nnclr_tf import inputs
 from nnclr_tf.heads import LinearProbe, PredictionHead, ProjectionHead
 from nnclr_tf.losses import contrastive_accuracy, nnclr_loss
 from nnclr_tf.support_set import SupportSet
 
 POSITIVES = ("nn", "self")
-
-
-def _unpack_views(data):
-    """Batch -> (view_1, view_2, labels or None); see `NNCLR` for the accepted forms."""
-    # Keras packs array inputs as (x, y, sample_weight) with None for the missing parts.
-    while isinstance(data, (list, tuple)) and data and data[-1] is None:
-        data = data[:-1]
-    if isinstance(data, (list, tuple)) and len(data) == 1:
-        data = data[0]
-    if (isinstance(data, (list, tuple)) and len(data) == 2
-            and isinstance(data[0], collections.abc.Mapping)):  # fit(x=views, y=labels)
-        data = dict(data[0], label=data[1])
-    if isinstance(data, collections.abc.Mapping):
-        if "view_1" not in data or "view_2" not in data:
-            raise ValueError(f"The training batch has keys {sorted(data)}, expected 'view_1', "
-                             "'view_2' and optionally 'label'; build it with "
-                             "nnclr_tf.data.pretraining_dataset.")
-        return data["view_1"], data["view_2"], data.get("label")
-    if isinstance(data, (list, tuple)) and len(data) in (2, 3):
-        return data[0], data[1], data[2] if len(data) == 3 else None
-    raise ValueError(f"The training batch is a {type(data).__name__}, expected a dict "
-                     "{'view_1', 'view_2'[, 'label']} or a tuple (view_1, view_2[, label]).")
 
 
 def _logs(metrics):
@@ -67,8 +49,9 @@ class NNCLR(keras.Model):
     """Nearest-neighbour contrastive learning around any image encoder.
 
     Args:
-      encoder: keras.Model, images [batch, H, W, C] -> features [batch, features], with a
-        defined input shape (a Functional model).
+      encoder: keras.Model, images [batch, H, W, C] -> features [batch, features], checked when
+        the model builds: at construction for an encoder with an input shape (a Functional
+        model), else by `model.build((None, H, W, C))`, which `fit` requires first.
       projection_hidden_dims, projection_dim: the projection MLP (paper: (2048, 2048), 256).
       prediction_hidden_dims: the prediction MLP's hidden widths (paper: (4096,)).
       queue_size: rows in the support set (paper: 98,304).
@@ -85,9 +68,18 @@ class NNCLR(keras.Model):
       seed: with top_k > 1, the neighbour sampling is a function of (seed, step, replica, view),
         so a resumed run samples what an uninterrupted one did.
 
-    Training batches: dict {"view_1", "view_2"[, "label"]} or tuple (view_1, view_2[, label]),
-    views [batch, H, W, C] float in [0, 1]. Evaluation batches: (images, labels), which
-    `evaluate` scores with the linear probe (probe_loss, probe_acc) when num_classes > 0.
+    Training batches: dict {"view_1", "view_2"[, "label"]}, tuple (view_1, view_2[, label]) or
+    Keras' (x, y) with x = (view_1, view_2); views [batch, H, W, C] float in [0, 1] of one size,
+    labels [batch] integer class ids (see `nnclr_tf.inputs`). Evaluation batches, including
+    `validation_data`: (images, labels), scored with the linear probe (probe_loss, probe_acc),
+    so they need num_classes > 0. `class_weight` and `sample_weight` are refused: the loss is
+    self-supervised and the probe only monitors.
+
+    The support set is a buffer, not parameters: `count_params()` and `summary()` leave it out
+    of the parameter counts and `summary()` reports it on its own line.
+
+    The heads follow the model's dtype policy (`dtype=` or the global one at construction), and
+    a saved model reloads with the policy it was saved with.
     """
 
     def __init__(self, encoder, projection_hidden_dims=(2048, 2048), projection_dim=256,
@@ -120,19 +112,26 @@ class NNCLR(keras.Model):
         self.queue_write_mode = queue_write_mode
         self.seed = int(seed)
 
+        # The model's policy (saved in its config), not the process's: a model saved under
+        # mixed_bfloat16 reloads with bf16 heads in a float32 process.
+        policy = self.dtype_policy
         self.projection_head = ProjectionHead(self.projection_hidden_dims, self.projection_dim,
-                                              synchronized_bn, name="projection_head")
+                                              synchronized_bn, dtype=policy,
+                                              name="projection_head")
         self.prediction_head = PredictionHead(self.prediction_hidden_dims, self.projection_dim,
-                                              synchronized_bn, name="prediction_head")
+                                              synchronized_bn, dtype=policy,
+                                              name="prediction_head")
         self.support_set = SupportSet(self.queue_size, self.projection_dim, top_k=self.top_k,
                                       write_mode=queue_write_mode, name="support_set")
-        self.probe = LinearProbe(self.num_classes, name="probe") if self.num_classes else None
+        self.probe = (LinearProbe(self.num_classes, dtype=policy, name="probe")
+                      if self.num_classes else None)
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.contrastive_acc_tracker = keras.metrics.Mean(name="contrastive_acc")
         self.nn_acc_tracker = keras.metrics.Mean(name="nn_acc")
         self.probe_loss_tracker = keras.metrics.Mean(name="probe_loss")
         self.probe_acc_tracker = keras.metrics.Mean(name="probe_acc")
+        inputs.warn_if_rescaling(encoder)
         # Built now, so that fit/evaluate never trace `call` on a training batch to build it.
         if getattr(encoder, "inputs", None):
             self.build(encoder.input_shape)
@@ -143,12 +142,69 @@ class NNCLR(keras.Model):
         return [self.loss_tracker, self.contrastive_acc_tracker, self.nn_acc_tracker,
                 self.probe_loss_tracker, self.probe_acc_tracker]
 
+    def _unbuilt_message(self):
+        return (f"The encoder {self.encoder.name!r} has no input shape, so NNCLR cannot build its "
+                "heads and support set; call model.build((None, H, W, C)) with your image shape "
+                "before fit, or wrap the encoder in a Functional model: inputs = "
+                "keras.Input((H, W, C)); encoder = keras.Model(inputs, encoder(inputs)).")
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, after the checks that would otherwise fail only after an epoch."""
+        arguments = inspect.signature(super().fit).bind(*args, **kwargs).arguments
+        if not self.built:
+            raise ValueError(self._unbuilt_message())
+        for name in ("class_weight", "sample_weight"):
+            if arguments.get(name) is not None:
+                raise ValueError(
+                    f"model.fit got {name}=..., which NNCLR does not support: its loss is "
+                    "self-supervised and its linear probe only monitors the features; drop "
+                    f"{name} (nnclr_tf.evaluation.linear_evaluation trains a probe of its own).")
+        if self.probe is None and (arguments.get("validation_data") is not None
+                                   or arguments.get("validation_split")):
+            raise ValueError(
+                "model.fit got validation data, which NNCLR scores with its linear probe, but "
+                "this model has num_classes=0 (no probe); build it with num_classes=<number of "
+                "classes>, or drop validation_data and monitor the encoder with "
+                "nnclr_tf.evaluation.KNNMonitor.")
+        return super().fit(*args, **kwargs)
+
+    def count_params(self):
+        """Parameters of the encoder, heads and probe: the support set is a buffer, not counted."""
+        return super().count_params() - self.support_set.buffer_size()
+
+    def summary(self, *args, print_fn=None, **kwargs):
+        """`keras.Model.summary`, with the support set's buffer out of the parameter counts."""
+        captured = []
+        super().summary(*args, print_fn=lambda text, **_: captured.append(text), **kwargs)
+        buffer = self.support_set.buffer_size()
+        memory = summary_utils.weight_memory_size
+        buffer_bytes = memory(self.support_set.weights)
+        optimizer = getattr(self, "optimizer", None) if self.compiled else None
+        optimizer = optimizer.variables if optimizer is not None and optimizer.built else []
+        # Keras' totals, as it computes them, less the buffer.
+        sizes = {"Total": memory(self.weights) + memory(optimizer) - buffer_bytes,
+                 "Non-trainable": memory(self.non_trainable_weights) - buffer_bytes}
+
+        def without_buffer(match):
+            count = int(match.group(3).replace(",", "")) - buffer
+            size = summary_utils.readable_memory_size(sizes[match.group(2)])
+            return f"{match.group(1)}{count:,} ({size})"
+
+        text = re.sub(r"( (Total|Non-trainable) params: )([\d,]+) \([^)]*\)", without_buffer,
+                      "\n".join(captured))
+        text += (f"\n Support set buffer: {buffer:,} values "
+                 f"({summary_utils.readable_memory_size(buffer_bytes)}), the queue of "
+                 f"{self.queue_size:,} past embeddings: saved with the model, not parameters")
+        (print_fn or print)(text)
+
     def build(self, input_shape=None):
         """Creates every weight (heads, queue, probe) from the images' [batch, H, W, C]."""
+        if input_shape is None and not getattr(self.encoder, "inputs", None):
+            raise ValueError(self._unbuilt_message())
         input_shape = tuple(input_shape if input_shape is not None else self.encoder.input_shape)
         if not self.encoder.built:
             self.encoder.build(input_shape)
-        features_shape = tuple(self.encoder.compute_output_shape(input_shape))
+        features_shape = inputs.encoder_features_shape(self.encoder, input_shape)
         z_shape = features_shape[:-1] + (self.projection_dim,)
         for layer, shape in ((self.projection_head, features_shape),
                              (self.prediction_head, z_shape), (self.support_set, z_shape),
@@ -193,7 +249,7 @@ class NNCLR(keras.Model):
                 tf.random.experimental.stateless_fold_in(seed, 2))
 
     def train_step(self, data):
-        view_1, view_2, labels = _unpack_views(data)
+        view_1, view_2, labels = inputs.unpack_views(data)
         labels = _flat_labels(labels)
         ctx = tf.distribute.get_replica_context()
         num_replicas = ctx.num_replicas_in_sync if ctx is not None else 1
@@ -298,5 +354,14 @@ class NNCLR(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
-        return cls(**config)
+        # Rebuilt under the policy it was saved with, as it was built: layers that took the
+        # global policy then (the Functional encoder, its inputs) take the same one now.
+        saved = keras.dtype_policies.deserialize(config["dtype"]) if config.get("dtype") else None
+        previous = keras.config.dtype_policy()
+        try:
+            if saved is not None:
+                keras.config.set_dtype_policy(saved)
+            config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+            return cls(**config)
+        finally:
+            keras.config.set_dtype_policy(previous)

@@ -2,11 +2,18 @@
 
 Usable on its own (lightly-style composition)::
 
-    support_set = SupportSet(size=4096, dim=128)
-    z_1, z_2 = projection(view_1), projection(view_2)      # [batch, dim]
+    import tensorflow as tf
+    from nnclr_tf.losses import nnclr_loss
+    support_set = SupportSet(size=4096, dim=128)            # weights exist at once
+    z_1, z_2 = tf.random.normal([8, 128]), tf.random.normal([8, 128])   # projections [batch, dim]
+    p_1, p_2 = tf.random.normal([8, 128]), tf.random.normal([8, 128])   # predictions
     nn_1 = support_set.nearest_neighbour(z_1)               # no gradient
+    nn_2 = support_set.nearest_neighbour(z_2)
     loss = nnclr_loss(nn_1, nn_2, p_1, p_2, temperature=0.1)
     support_set.enqueue(z_1)                                # after the step
+    assert int(support_set.filled()) == 8
+
+The queue is a buffer, not parameters: `count_params()` is 0 and `buffer_size()` counts it.
 
 The queue lives in Keras variables (`add_weight`), so `.keras` saving, `save_weights`
 and `BackupAndRestore` checkpoint it. Under `tf.distribute` every replica holds a copy:
@@ -14,6 +21,8 @@ callers must enqueue the rows all-gathered across replicas (in the same replica 
 everywhere), and each replica then writes those same rows into its own copy. The copies stay
 bitwise equal without any cross-replica traffic for the write.
 """
+
+import math
 
 import keras
 import tensorflow as tf
@@ -46,8 +55,10 @@ class SupportSet(keras.layers.Layer):
         returns the same neighbours. None never chunks. A batch unknown when the lookup is
         traced counts as `UNKNOWN_BATCH` rows.
 
-    Weights: `embeddings` float32 [size, dim], `labels` int32 [size], `count` int64 scalar
-    (rows ever enqueued; the write pointer is `count % size`, the fill level `min(count, size)`).
+    Weights (created by the constructor: size and dim fix every shape): `embeddings` float32
+    [size, dim], `labels` int32 [size], `count` int64 scalar (rows ever enqueued; the write
+    pointer is `count % size`, the fill level `min(count, size)`). Non-trainable, saved and
+    checkpointed with the model, but a buffer rather than parameters (see `count_params`).
     """
 
     def __init__(self, size, dim, top_k=1, store_labels=True, write_mode="auto",
@@ -76,8 +87,16 @@ class SupportSet(keras.layers.Layer):
         self.write_mode = write_mode
         self.max_similarity_bytes = (None if max_similarity_bytes is None
                                      else int(max_similarity_bytes))
+        # Every shape is known now: build at once, so enqueue and nearest_neighbour work on a
+        # fresh SupportSet (a layer otherwise builds on its first __call__ only).
+        self.build()
 
     def build(self, input_shape=None):
+        if input_shape is not None and input_shape[-1] not in (None, self.dim):
+            raise ValueError(f"SupportSet(dim={self.dim}) was given rows of shape "
+                             f"{tuple(input_shape)}; pass [batch, {self.dim}] embeddings.")
+        if getattr(self, "count", None) is not None:
+            return  # built by the constructor; Keras may call build again with a shape
         # aggregation="none": each replica writes its own copy in place. "only_first_replica"
         # would send replica 0's update to every copy each step (a merge_call and a broadcast:
         # the whole buffer in "assign" mode), although every replica writes the same rows.
@@ -89,6 +108,26 @@ class SupportSet(keras.layers.Layer):
                                           initializer=keras.initializers.Constant(-1), **common)
         self.count = self.add_weight(name="count", shape=(), dtype="int64",
                                      initializer="zeros", **common)
+
+    def count_params(self):
+        """0: the queue is a buffer of past embeddings, not parameters (see `buffer_size`)."""
+        return 0
+
+    def buffer_size(self):
+        """Values the queue stores (embeddings, labels and the counter): what Keras would count."""
+        return sum(math.prod(w.shape) for w in self.weights)
+
+    def _checked_rows(self, z, what):
+        """z as a tensor [batch, dim]; one sentence when its shape cannot be that."""
+        z = tf.convert_to_tensor(z)
+        shape = z.shape
+        if shape.rank is not None and (shape.rank != 2 or shape[-1] not in (None, self.dim)):
+            raise ValueError(f"SupportSet.{what} got rows of shape {tuple(shape.as_list())}; "
+                             f"expected [batch, {self.dim}] (dim={self.dim}): pass the projections, "
+                             "or build the SupportSet with their width.")
+        if shape.rank is None or shape[-1] is None:  # checked when the graph runs
+            z = tf.ensure_shape(z, [None, self.dim])
+        return z
 
     def filled(self):
         """Number of valid rows, scalar int64: min(count, size)."""
@@ -120,7 +159,8 @@ class SupportSet(keras.layers.Layer):
           unknown). Unfilled slots are never returned. While the queue is empty the query
           itself, stop_gradient(l2_normalize(z)), stands in for its neighbour.
         """
-        z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
+        z = tf.math.l2_normalize(tf.cast(self._checked_rows(z, "nearest_neighbour"), tf.float32),
+                                 axis=-1)
         bank = tf.convert_to_tensor(self.embeddings)
         filled = self.filled()
         if self.top_k == 1:
@@ -203,6 +243,7 @@ class SupportSet(keras.layers.Layer):
           z: [batch, dim] rows, already all-gathered across replicas when distributed.
           labels: optional [batch] int labels (-1 is stored when omitted).
         """
+        z = self._checked_rows(z, "enqueue")
         rows = tf.math.l2_normalize(tf.cast(tf.stop_gradient(z), tf.float32), axis=-1)
         batch = tf.shape(rows, out_type=tf.int64)[0]
         # Only the last `size` rows survive a batch larger than the queue; dropping the rest
@@ -216,7 +257,17 @@ class SupportSet(keras.layers.Layer):
             if labels is None:
                 new_labels = tf.fill([kept], -1)
             else:
-                new_labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)[batch - kept:]
+                new_labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+                rows_known, labels_known = z.shape[0], new_labels.shape[0]
+                if rows_known is not None and labels_known is not None:
+                    if rows_known != labels_known:
+                        raise ValueError(f"SupportSet.enqueue got {rows_known} rows but "
+                                         f"{labels_known} labels; pass one label per row.")
+                else:
+                    tf.debugging.assert_equal(
+                        tf.size(new_labels, out_type=tf.int64), batch,
+                        message="SupportSet.enqueue got a different number of rows and labels")
+                new_labels = new_labels[batch - kept:]
             self._write(self.labels, indices, new_labels)
         self.count.assign(count + batch)
 
