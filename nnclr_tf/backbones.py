@@ -1,4 +1,4 @@
-"""Encoders f(.): ResNet-18/34 (basic blocks) and ResNet-50 (`keras.applications`).
+"""Encoders f(.): ResNet-18/34 (basic blocks) and ResNet-50 v1.5 (bottleneck blocks).
 
 Every backbone is a Functional `keras.Model` built from Keras core layers and this package's
 `BatchNormalization` (Keras' layer with a fused fast path, registered as serializable), so it saves
@@ -8,9 +8,12 @@ to `.keras` and loads back with `safe_mode=True` once `nnclr_tf` is imported. It
     encoder = build_backbone("resnet18", (32, 32, 3), cifar_stem=True)
     features = encoder(images)            # [batch, 512]
     z = projection_head(features)         # see heads.py
-"""
 
-import math
+ResNet-50 is v1.5, as in the paper-era TensorFlow recipes (tensorflow/models, SimCLR, BYOL) and
+torchvision: the stride of a downsampling bottleneck sits on its 3x3 convolution, no convolution
+has a bias (a batch norm follows each), and the last batch norm of each block may start at gamma 0.
+`keras.applications.ResNet50` is v1 (stride on the first 1x1 convolution, convolution biases).
+"""
 
 import keras
 
@@ -18,11 +21,12 @@ from nnclr_tf.batch_norm import BatchNormalization
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 
-_STAGE_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+# name -> (block, blocks per stage). A bottleneck block widens its output to 4x its channels.
+_ARCHITECTURES = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+                  "resnet50": ("bottleneck", (3, 4, 6, 3))}
+_BOTTLENECK_EXPANSION = 4
 _BASE_CHANNELS = 64
 _MIN_CHANNELS = 8
-# keras.applications.ResNet50 refuses inputs below 32x32 (five stride-2 steps).
-_RESNET50_MIN_SIZE = 32
 # SimCLR / torchvision batch-norm settings: the moving statistics follow the data quickly, which
 # matters for short runs whose kNN / linear evaluation uses inference-mode statistics.
 _BN_MOMENTUM = 0.9
@@ -43,13 +47,10 @@ def _stem_stride(cifar_stem):
 def min_image_size(name, cifar_stem=False):
     """Smallest H (= W) for which the last stage still sees at least one whole input pixel.
 
-    This is the network's total stride: 8 with the CIFAR stem, 32 with the ImageNet stem (ResNet-18
-    and -34), and 32 for ResNet-50 (the bound `keras.applications` enforces).
+    This is the network's total stride: 8 with the CIFAR stem, 32 with the ImageNet stem.
     """
     _check_name(name)
-    if name == "resnet50":
-        return _RESNET50_MIN_SIZE
-    return _stem_stride(cifar_stem) * 2 ** (len(_STAGE_BLOCKS[name]) - 1)
+    return _stem_stride(cifar_stem) * 2 ** (len(_ARCHITECTURES[name][1]) - 1)
 
 
 def scaled_channels(channels, width_multiplier):
@@ -73,8 +74,7 @@ def _check_input_shape(input_shape, min_size, what):
         if size is not None and size < min_size:
             raise ValueError(
                 f"input_shape={tuple(input_shape)} is too small for {what}, which needs images of at "
-                f"least {min_size}x{min_size}; resize the images or use cifar_stem=True "
-                "(ResNet-18/34 only)."
+                f"least {min_size}x{min_size}; resize the images or use cifar_stem=True."
             )
 
 
@@ -123,6 +123,29 @@ def _basic_block(x, filters, strides, synchronized_bn, zero_init_residual, name)
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
+def _bottleneck_block(x, filters, strides, synchronized_bn, zero_init_residual, name):
+    """1x1 -> 3x3 (stride here: v1.5) -> 1x1 to 4 x filters, with an identity or 1x1 projection
+    shortcut: [b, h, w, c] -> [b, h/s, w/s, 4 * filters]."""
+    outputs = _BOTTLENECK_EXPANSION * filters
+    shortcut = x
+    if strides != 1 or x.shape[-1] != outputs:
+        shortcut = _conv(x, outputs, 1, strides, name=f"{name}_shortcut_conv")
+        shortcut = _batch_norm(shortcut, synchronized_bn, name=f"{name}_shortcut_bn")
+    y = _conv(x, filters, 1, 1, name=f"{name}_conv1")
+    y = _batch_norm(y, synchronized_bn, name=f"{name}_bn1")
+    y = keras.layers.ReLU(name=f"{name}_relu1")(y)
+    y = _conv(y, filters, 3, strides, name=f"{name}_conv2")
+    y = _batch_norm(y, synchronized_bn, name=f"{name}_bn2")
+    y = keras.layers.ReLU(name=f"{name}_relu2")(y)
+    y = _conv(y, outputs, 1, 1, name=f"{name}_conv3")
+    y = _batch_norm(y, synchronized_bn, name=f"{name}_bn3", zero_gamma=zero_init_residual)
+    y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
+    return keras.layers.ReLU(name=f"{name}_out")(y)
+
+
+_BLOCKS = {"basic": _basic_block, "bottleneck": _bottleneck_block}
+
+
 def resnet(
     input_shape=(32, 32, 3),
     stage_blocks=(2, 2, 2, 2),
@@ -130,13 +153,19 @@ def resnet(
     cifar_stem=False,
     synchronized_bn=True,
     zero_init_residual=True,
+    block="basic",
     name="resnet",
 ):
-    """A basic-block ResNet: images [batch, H, W, C] -> features [batch, 512 * width (for 4 stages)].
+    """A ResNet: images [batch, H, W, C] -> features [batch, F].
 
-    Stage i has `stage_blocks[i]` blocks of `scaled_channels(64 * 2**i, width_multiplier)` channels;
-    every stage after the first halves the resolution.
+    Stage i has `stage_blocks[i]` blocks of `scaled_channels(64 * 2**i, width_multiplier)` channels
+    (a "bottleneck" block outputs 4x that); every stage after the first halves the resolution.
+    F is the last stage's output: 512 * width for basic blocks, 2048 * width for bottlenecks (4
+    stages). `zero_init_residual` starts the last batch norm of every block at gamma 0.
+    Layers are named `stem_*` and `stage{i}_block{j}_{conv,bn}{k}` (`_shortcut_{conv,bn}`).
     """
+    if block not in _BLOCKS:
+        raise ValueError(f"block={block!r} is not one of {tuple(_BLOCKS)}.")
     if not width_multiplier > 0:
         raise ValueError(
             f"width_multiplier={width_multiplier} must be positive; use 1.0 for the standard width."
@@ -161,44 +190,22 @@ def resnet(
         x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
         x = keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
 
+    make_block = _BLOCKS[block]
     for stage, num_blocks in enumerate(stage_blocks):
         filters = scaled_channels(_BASE_CHANNELS * 2**stage, width_multiplier)
-        for block in range(int(num_blocks)):
-            strides = 2 if stage > 0 and block == 0 else 1
-            x = _basic_block(
+        for index in range(int(num_blocks)):
+            strides = 2 if stage > 0 and index == 0 else 1
+            x = make_block(
                 x,
                 filters,
                 strides,
                 synchronized_bn,
                 zero_init_residual,
-                name=f"stage{stage + 1}_block{block + 1}",
+                name=f"stage{stage + 1}_block{index + 1}",
             )
     # Pool in float32 so that features leave a mixed-precision encoder in full precision.
     features = keras.layers.GlobalAveragePooling2D(name="avg_pool", dtype="float32")(x)
     return keras.Model(images, features, name=name)
-
-
-def _resnet50(input_shape, synchronized_bn, zero_init_residual):
-    """`keras.applications.ResNet50` with this module's batch-norm settings, rebuilt from its config."""
-    base = keras.applications.ResNet50(
-        weights=None, include_top=False, pooling="avg", input_shape=tuple(input_shape)
-    )
-    config = base.get_config()
-    for layer in config["layers"]:
-        layer_config = layer["config"]
-        if layer["class_name"] == "BatchNormalization":
-            layer.update(module="nnclr_tf.batch_norm",  # the fused fast path (batch_norm.py)
-                         registered_name="nnclr_tf>BatchNormalization")
-            layer_config["synchronized"] = bool(synchronized_bn)
-            layer_config["momentum"] = _BN_MOMENTUM
-            # "convN_blockM_3_bn" closes the residual branch of a bottleneck block.
-            if zero_init_residual and layer_config["name"].endswith("_3_bn"):
-                layer_config["gamma_initializer"] = keras.initializers.serialize(
-                    keras.initializers.Zeros()
-                )
-        elif layer["class_name"] == "GlobalAveragePooling2D":
-            layer_config["dtype"] = "float32"
-    return keras.Model.from_config(config)
 
 
 def build_backbone(
@@ -211,36 +218,21 @@ def build_backbone(
 ):
     """Encoder by name: images [batch, H, W, C] in [0, 1] -> features [batch, features].
 
-    Feature sizes at width 1: 512 (ResNet-18/34), 2048 (ResNet-50). ResNet-50 supports neither the
-    CIFAR stem nor a width multiplier. Read the feature size from `model.output_shape[-1]`.
+    Feature sizes at width 1: 512 (ResNet-18/34), 2048 (ResNet-50 v1.5); read them from
+    `model.output_shape[-1]`. Every backbone takes the CIFAR stem and a width multiplier.
     `synchronized_bn` (the default, as in the paper) computes batch-norm statistics over the global
-    batch under tf.distribute; on one device it computes the same statistics.
+    batch under tf.distribute; on one device it computes the same statistics. `zero_init_residual`
+    starts the last batch norm of each residual block at gamma 0 (each block starts as the identity).
     """
     _check_name(name)
-    input_shape = tuple(input_shape)
-    if not width_multiplier > 0:
-        raise ValueError(
-            f"width_multiplier={width_multiplier} must be positive; use 1.0 for the standard width."
-        )
-    if name == "resnet50":
-        if cifar_stem:
-            raise ValueError(
-                "cifar_stem=True is available for resnet18 and resnet34 only; use one of those or "
-                "set cifar_stem=False for resnet50."
-            )
-        if not math.isclose(width_multiplier, 1.0):
-            raise ValueError(
-                f"width_multiplier={width_multiplier} is not supported by resnet50 (keras.applications); "
-                "use 1.0, or resnet18/resnet34 for a narrow network."
-            )
-        _check_input_shape(input_shape, _RESNET50_MIN_SIZE, "resnet50")
-        return _resnet50(input_shape, synchronized_bn, zero_init_residual)
+    block, stage_blocks = _ARCHITECTURES[name]
     return resnet(
-        input_shape,
-        stage_blocks=_STAGE_BLOCKS[name],
+        tuple(input_shape),
+        stage_blocks=stage_blocks,
         width_multiplier=width_multiplier,
         cifar_stem=cifar_stem,
         synchronized_bn=synchronized_bn,
         zero_init_residual=zero_init_residual,
+        block=block,
         name=name,
     )
