@@ -1,20 +1,30 @@
 """BYOL-style view pipelines (the paper's augmentations) as Keras layers.
 
+    import tensorflow as tf
+    images = tf.random.uniform([8, 32, 32, 3])                 # floats in [0, 1]
     view_1 = view_augmenter(1, image_size=32, preset="byol")   # blur p 1.0, solarize p 0.0
     view_2 = view_augmenter(2, image_size=32, preset="byol")   # blur p 0.1, solarize p 0.2
-    ds = images_ds.map(lambda x: {"view_1": view_1(x), "view_2": view_2(x)})  # x: [H, W, C]
-    # or on batches [batch, H, W, C] (in tf.data or a model): random choices are still per image.
+    batch = {"view_1": view_1(images), "view_2": view_2(images)}  # choices drawn per image
+    # A dataset of images (or (images, labels)) -> ((view_1, view_2)[, labels]) for model.fit,
+    # reproducible under any parallelism:
+    ds = map_views(tf.data.Dataset.from_tensor_slices(images).batch(4), view_1, view_2, seed=0)
 
-Every layer takes float images in [0, 1], [H, W, C] or [batch, H, W, C], and draws its randomness
-per image from its own `tf.random.Generator`. Not from Keras core's `SeedGenerator`: it reads and
-then advances its state in two ops, so parallel `tf.data.map` calls reuse seeds (14 % of 20,000
-draws here), whereas the generator's read-and-skip is atomic. With `training=False` the layers
-leave pixels unchanged and `RandomResizedCrop` resizes the whole image.
+Every layer takes float images in [0, 1] (`ViewAugmenter`: uint8, or floats in its `value_range`),
+[H, W, C] or [batch, H, W, C], and draws its randomness per image from its own
+`tf.random.Generator`, seeded from the constructor's `seed` or else from Python's `random` (so
+`keras.utils.set_random_seed` fixes it, as it fixes Keras' own layers). Not from Keras core's
+`SeedGenerator`: it reads and then advances its state in two ops, so parallel `tf.data.map` calls
+reuse seeds (14 % of 20,000 draws here), whereas the generator's read-and-skip is atomic. With
+`training=False` the layers leave pixels unchanged and `RandomResizedCrop` resizes the whole image.
 
-Passing `seed=` to a call (a [2] int tensor, e.g. `tf.random.fold_in([seed, 0], step)`) draws the
-same per-image choices from stateless ops instead, so the output is a function of the images and
-that seed alone (how the pretraining pipeline makes a resumed run see the views an uninterrupted
-one would):  `view_1(images, seed=tf.constant([7, 42]))`.
+Reproducible views: pass `seed=` to the call (a [2] int tensor, e.g. `tf.random.fold_in([seed,
+0], step)`); the per-image choices then come from stateless ops, so the output is a function of
+the images and that seed alone, whatever order parallel `map` calls run in. `map_views` does this
+per dataset element, as the pretraining pipeline does per step (a resumed run sees the views an
+uninterrupted one would): `view_1(images, seed=tf.constant([7, 42]))`. A layer's own generator
+(constructor `seed=` or `set_random_seed`) repeats only when calls come in the same order: eager
+calls, or `map` without `num_parallel_calls`; under `num_parallel_calls` the calls take its draws
+in whatever order they run.
 """
 
 import math
@@ -52,13 +62,9 @@ def _stitch(indices, parts, like):
 
 
 def _generator(seed):
-    if seed is not None:
-        return tf.random.Generator.from_seed(seed)
-    try:
-        return tf.random.Generator.from_non_deterministic_state()
-    except (RuntimeError, ValueError):  # refused under tf.config.experimental.enable_op_determinism
-        # Python's RNG is seeded with the rest by keras.utils.set_random_seed: still reproducible.
-        return tf.random.Generator.from_seed(random.getrandbits(62))
+    # Python's RNG is seeded with the rest by keras.utils.set_random_seed, and from the OS
+    # otherwise: an unseeded layer is then reproducible exactly when Keras' own layers are.
+    return tf.random.Generator.from_seed(random.getrandbits(62) if seed is None else seed)
 
 
 class _ImageLayer(keras.layers.Layer):
@@ -83,7 +89,7 @@ class _ImageLayer(keras.layers.Layer):
     def call(self, images, training=True, seed=None):
         """seed: optional [2] int tensor; draws stateless randomness from it instead of the
         layer's generator (see the module docstring)."""
-        images = tf.cast(tf.convert_to_tensor(images), tf.float32)
+        images = self._as_float(tf.convert_to_tensor(images))
         rank = images.shape.rank
         _check(rank in (3, 4), f"{self.name} got images of shape {images.shape}; expected "
                "[H, W, C] or [batch, H, W, C], so add or remove the batch axis.")
@@ -99,6 +105,9 @@ class _ImageLayer(keras.layers.Layer):
 
     def build(self, input_shape):
         pass  # no weights; sublayers build on their first call
+
+    def _as_float(self, images):
+        return tf.cast(images, tf.float32)
 
     def _inference(self, images):
         return images
@@ -405,14 +414,18 @@ class ColorJitter(_ImageLayer):
 class ViewAugmenter(_ImageLayer):
     """One view's pipeline: crop, flip, jitter, grayscale, blur, solarize (BYOL order), then clip.
 
-    [batch, H, W, C] or [H, W, C] in [0, 1] -> [batch, size, size, C] (or [size, size, C]) float32
-    in [0, 1], size = image_size. Stages are named sublayers in `stages`; each random one is a
+    [batch, H, W, C] or [H, W, C] -> [batch, size, size, C] (or [size, size, C]) float32 in
+    [0, 1], size = image_size, whatever the input range. Input: uint8 (read as [0, 255]) or
+    floats in `value_range` (default (0, 1); (0, 255) for float pixels), mapped to [0, 1] first.
+    Other integer types, and floats outside `value_range` (beyond a 0.1 % rounding margin), are
+    refused with one sentence: eagerly as a ValueError, in a graph (tf.data) by an assert that
+    fails when the batch runs. Stages are named sublayers in `stages`; each random one is a
     `RandomApply` (`stage("blur").probability` is the view's blur rate). Grayscale is Keras core's
     `RandomGrayscale` at factor 1 (a per-image luminance conversion) behind `RandomApply`'s coin.
     """
 
     def __init__(self, view, image_size, preset="byol", channels=3, crop_scale=(0.08, 1.0),
-                 color_strength=1.0, seed=None, **kwargs):
+                 color_strength=1.0, seed=None, value_range=(0, 1), **kwargs):
         _check(preset in VIEW_PRESETS, f"Unknown augmentation preset {preset!r}; expected one "
                f"of {sorted(VIEW_PRESETS)}.")
         _check(view in (1, 2), f"view={view!r} is not a view of the paper; expected 1 or 2.")
@@ -421,7 +434,11 @@ class ViewAugmenter(_ImageLayer):
         _check(channels in (1, 3), f"channels={channels!r} is not supported; expected 1 "
                "(grayscale) or 3 (RGB).")
         _check(color_strength >= 0, f"color_strength={color_strength!r} is negative; pass >= 0.")
+        _check(len(value_range) == 2 and float(value_range[0]) < float(value_range[1]),
+               f"value_range={tuple(value_range)!r} is not a (low, high) pair with low < high; "
+               "pass the range of the input pixels, e.g. (0, 1) or (0, 255).")
         super().__init__(seed=seed, **kwargs)
+        self.value_range = (float(value_range[0]), float(value_range[1]))
         self.view, self.image_size, self.preset, self.channels = view, image_size, preset, channels
         self.crop_scale, self.color_strength = tuple(crop_scale), float(color_strength)
         # Stage seeds depend on the view, so one seed for both views still gives independent views.
@@ -449,6 +466,28 @@ class ViewAugmenter(_ImageLayer):
         """The stage layer called `name` ("crop", "flip", ...), or None where the view omits it."""
         return next((s for s in self.stages if s.name == name), None)
 
+    def _as_float(self, images):
+        """uint8 or floats in value_range -> float32 in [0, 1] (see the class docstring)."""
+        if images.dtype == tf.uint8:
+            return tf.cast(images, tf.float32) / 255.0
+        low, high = self.value_range
+        _check(images.dtype.is_floating, f"{self.name} got {images.dtype.name} images; pass uint8 "
+               f"(read as [0, 255]) or floats in value_range=({low:g}, {high:g}).")
+        images = tf.cast(images, tf.float32)
+        margin = 1e-3 * (high - low)  # rounding, e.g. of a resize in float16
+        smallest, largest = tf.reduce_min(images), tf.reduce_max(images)
+        advice = (f"outside value_range=({low:g}, {high:g}); pass the images' range as value_range"
+                  " (e.g. (0, 255) for float pixels) or clip them to it")
+        if tf.executing_eagerly():
+            _check(float(smallest) >= low - margin and float(largest) <= high + margin,
+                   f"{self.name} got pixel values in [{float(smallest):g}, {float(largest):g}], "
+                   f"{advice}.")
+        else:  # one min and max per call: 0.7 ms next to a view's 66 ms (256 images, 32 px)
+            tf.debugging.Assert(
+                tf.logical_and(smallest >= low - margin, largest <= high + margin),
+                [f"{self.name} got pixel values from", smallest, "to", largest, advice])
+        return (images - low) / (high - low)
+
     def _checked(self, images):
         if images.shape[-1] is None:  # e.g. decoded images: the channel count must be static
             return tf.ensure_shape(images, [None, None, None, self.channels])
@@ -472,14 +511,48 @@ class ViewAugmenter(_ImageLayer):
     def get_config(self):
         return {**super().get_config(), "view": self.view, "image_size": self.image_size,
                 "preset": self.preset, "channels": self.channels, "crop_scale": self.crop_scale,
-                "color_strength": self.color_strength}
+                "color_strength": self.color_strength, "value_range": self.value_range}
 
 
 def view_augmenter(view, image_size, preset="byol", channels=3, crop_scale=(0.08, 1.0),
-                   seed=None, color_strength=1.0):
+                   seed=None, color_strength=1.0, value_range=(0, 1)):
     """The paper's view-`view` augmentation as a layer (see `ViewAugmenter`, `VIEW_PRESETS`).
 
     color_strength scales all four colour-jitter ranges (SimCLR's colour strength); 1 = BYOL.
+    value_range: the input pixels' range for float images (uint8 is always read as [0, 255]);
+    the views come out in [0, 1]. Reproducible views: a seed per call (`map_views`), see the
+    module docstring; `seed` here fixes the layer's generator, which repeats for calls in a
+    fixed order only.
     """
     return ViewAugmenter(view, image_size, preset=preset, channels=channels,
-                         crop_scale=crop_scale, color_strength=color_strength, seed=seed)
+                         crop_scale=crop_scale, color_strength=color_strength, seed=seed,
+                         value_range=value_range)
+
+
+def map_views(dataset, view_1, view_2, seed=0, num_parallel_calls=tf.data.AUTOTUNE):
+    """Maps images to two views, reproducibly: element i is augmented with seeds from (seed, i).
+
+    Args:
+      dataset: a tf.data.Dataset of images [batch, H, W, C] (or [H, W, C]), or of (images,
+        labels) pairs.
+      view_1, view_2: the two views' layers (`view_augmenter(1, ...)`, `view_augmenter(2, ...)`).
+      seed: int; the same seed gives the same views, however many parallel calls run.
+
+    Returns:
+      A dataset of (view_1, view_2), or ((view_1, view_2), labels) for labelled input: what
+      `NNCLR.fit` takes.
+    """
+    labelled = isinstance(dataset.element_spec, tuple) and len(dataset.element_spec) == 2
+    if not labelled and not isinstance(dataset.element_spec, tf.TensorSpec):
+        raise ValueError(f"map_views got a dataset of {dataset.element_spec}; expected images "
+                         "[batch, H, W, C] or (images, labels) pairs.")
+    key = tf.constant([int(seed), 0], tf.int64)
+
+    def views(index, element):
+        images, labels = element if labelled else (element, None)
+        element_key = tf.random.fold_in(key, index)
+        pair = (view_1(images, seed=tf.random.fold_in(element_key, 1)),
+                view_2(images, seed=tf.random.fold_in(element_key, 2)))
+        return pair if labels is None else (pair, labels)
+
+    return dataset.enumerate().map(views, num_parallel_calls=num_parallel_calls)
