@@ -59,6 +59,7 @@ class DataConfig:
     image_size: int = 224
     shuffle_buffer: int = 10_000
     download: bool = False
+    holdout_fraction: float = 0.1  # image folders without test/: this part of each class is "test"
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,9 @@ def validate(config: Config) -> Config:
     lo, hi = a.crop_scale
     _check(0 < lo <= hi <= 1, f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {a.crop_scale}.")
     _check(d.image_size >= 8, f"data.image_size must be >= 8 pixels, got {d.image_size}.")
+    _check(0 < d.holdout_fraction < 1,
+           f"data.holdout_fraction must be in (0, 1), got {d.holdout_fraction}; e.g. "
+           "--set data.holdout_fraction=0.1 holds out 10 % of each class of an image folder.")
     _check(o.base_learning_rate > 0, f"optim.base_learning_rate must be > 0, got {o.base_learning_rate}.")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
     _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}.")

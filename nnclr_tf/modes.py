@@ -30,8 +30,10 @@ def _pretrained(config: Config):
 
 def _eval_datasets(config: Config, augment_train=None, label_fraction=None):
     d, e = config.data, config.eval
-    info = dataset_info(d.dataset, d.eval_train_split, data_dir=d.data_dir)
+    info = dataset_info(d.dataset, d.eval_train_split, data_dir=d.data_dir,
+                        holdout_fraction=d.holdout_fraction)
     train = evaluation_dataset(d.dataset, d.eval_train_split, data_dir=d.data_dir,
+                               holdout_fraction=d.holdout_fraction,
                                batch_size=e.linear_batch_size, image_size=d.image_size,
                                augment=augment_train, label_fraction=label_fraction,
                                seed=config.run.seed, shuffle=augment_train is not None)
@@ -42,6 +44,7 @@ def _eval_datasets(config: Config, augment_train=None, label_fraction=None):
         train = train.apply(tf.data.experimental.assert_cardinality(
             math.ceil(count / e.linear_batch_size)))
     test = evaluation_dataset(d.dataset, d.eval_split, data_dir=d.data_dir,
+                              holdout_fraction=d.holdout_fraction,
                               batch_size=e.linear_batch_size, image_size=d.image_size)
     return info, train, test
 

@@ -27,6 +27,7 @@ def _eval_images(config: Config, split: str, limit: int, batch: int = 256):
     """Un-augmented (images, labels) batches of the first `limit` examples of `split` (0: all)."""
     d = config.data
     dataset = evaluation_dataset(d.dataset, split, data_dir=d.data_dir, batch_size=batch,
+                                 holdout_fraction=d.holdout_fraction,
                                  image_size=d.image_size)
     if limit:
         dataset = dataset.take(math.ceil(limit / batch))
@@ -76,7 +77,8 @@ def raw_pixel_scores(config: Config, num_classes: int) -> dict:
     probe (so it also checks them). Sized for small images: 28x28x1 gives 784 features.
     """
     d = config.data
-    size, channels = d.image_size, dataset_info(d.dataset, d.eval_split, d.data_dir).image_shape[-1]
+    size, channels = d.image_size, dataset_info(d.dataset, d.eval_split, d.data_dir,
+                                                   holdout_fraction=d.holdout_fraction).image_shape[-1]
     flatten = keras.layers.Flatten(dtype="float32")  # float32 even under a mixed policy
     pixels = keras.Sequential([keras.Input((size, size, channels)), flatten], name="raw_pixels")
     return encoder_scores(pixels, config, num_classes)
@@ -96,8 +98,10 @@ def neighbour_picture(model, config: Config, path: str, class_names=None, querie
     d = config.data
     support_size = min(config.model.queue_size, 4096)
     support_images, support_labels = load_arrays(d.dataset, d.eval_train_split, data_dir=d.data_dir,
+                                                 holdout_fraction=d.holdout_fraction,
                                                  image_size=d.image_size, limit=support_size)
     query_images, query_labels = load_arrays(d.dataset, d.eval_split, data_dir=d.data_dir,
+                                             holdout_fraction=d.holdout_fraction,
                                              image_size=d.image_size, limit=512)
     # One query per class where possible, so the grid shows the whole label space.
     _, first = np.unique(query_labels, return_index=True)
@@ -114,6 +118,9 @@ def neighbour_picture(model, config: Config, path: str, class_names=None, querie
 def write_report(model, config: Config, run_dir: RunDir, input_shape, info) -> dict:
     report = {"dataset": config.data.dataset, "eval_split": config.data.eval_split,
               "steps": int(model.optimizer.iterations.numpy()), "model_dir": run_dir.path}
+    if info.description or info.num_classes == 0:  # e.g. an image folder's held-out split; no labels
+        report["data"] = info.description or (f"Dataset {info.name!r} has no labels, so there are "
+                                              "no kNN or linear-probe scores.")
     if config.run.export:
         report["saved_model"] = run_dir.export(model, input_shape)
     if info.num_classes > 0:
@@ -137,6 +144,8 @@ def write_report(model, config: Config, run_dir: RunDir, input_shape, info) -> d
 
 def format_report(report: dict) -> str:
     lines = [f"## NNCLR report: {report['dataset']} ({report['steps']} training steps)", ""]
+    if report.get("data"):
+        lines += [report["data"], ""]
     if "trained" in report:
         lines += [f"| encoder | kNN top-1 | linear-probe top-1 |  (on the {report['eval_split']} split)",
                   "| --- | --- | --- |"]

@@ -92,7 +92,13 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
     # The strategy first: splitting the CPU and configuring a multi-worker cluster's collectives
     # must happen before anything (even reading a dataset's metadata) starts TensorFlow's devices.
     strategy = distribute.get_strategy(r.strategy, r.cpu_replicas)
-    info = dataset_info(d.dataset, d.train_split, data_dir=d.data_dir)
+    info = dataset_info(d.dataset, d.train_split, data_dir=d.data_dir,
+                        holdout_fraction=d.holdout_fraction)
+    evaluates = (r.report if report is None else report) or config.eval.knn_every_epochs > 0
+    if info.num_classes > 0 and evaluates:
+        for split in dict.fromkeys((d.eval_train_split, d.eval_split)):
+            # The report's splits must exist before training, not after (e.g. an image folder).
+            dataset_info(d.dataset, split, data_dir=d.data_dir, holdout_fraction=d.holdout_fraction)
     input_shape = check_input(config, info.image_shape[-1])
     if info.num_examples < o.batch_size:
         raise ConfigError(
@@ -161,6 +167,7 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, verbose
                         if input_context is not None else 1)
             return pretraining_dataset(
                 d.dataset, split=d.train_split, data_dir=d.data_dir, batch_size=o.batch_size,
+                holdout_fraction=d.holdout_fraction,
                 image_size=d.image_size, augment=config.augment.preset,
                 crop_scale=config.augment.crop_scale, with_labels=info.num_classes > 0,
                 input_context=input_context, shuffle_buffer=d.shuffle_buffer, seed=r.seed,

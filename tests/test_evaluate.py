@@ -308,7 +308,7 @@ class ProtocolTest(parameterized.TestCase):
             raise FileNotFoundError(f"{name} is not prepared")
 
         rows = evaluate.transfer_suite(encoder, None, load_fn=not_prepared)
-        self.assertEqual([r["dataset"] for r in rows], list(evaluate.PAPER_TRANSFER))
+        self.assertEqual([r["dataset"] for r in rows], list(evaluate.DEFAULT_TRANSFER_DATASETS))
         self.assertEqual({r["status"] for r in rows}, {"skipped"})
         self.assertEqual(rows[0]["reason"], "food101 is not prepared")
 

@@ -7,7 +7,8 @@
 
 Dataset names: "embedded" (TFDS `nnclr_fashion_mnist/embedded`, shipped, offline),
 "fashion_mnist_full" (`nnclr_fashion_mnist/full`, Debian's dataset-fashion-mnist), any prepared TFDS
-name ("cifar10", "stl10", "imagenet2012", ...), or a folder of class sub-folders.
+name ("cifar10", "stl10", "imagenet2012", ...), or a folder of class sub-folders (without a test/
+sub-folder, a fixed `holdout_fraction` of each class is its "test" split, the rest "train").
 Importing this package registers the `nnclr_fashion_mnist` TFDS builder.
 """
 

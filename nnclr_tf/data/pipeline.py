@@ -11,12 +11,13 @@ each input pipeline then reads a disjoint part of the split and batches the per-
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf.data import sources, subsets
+from nnclr_tf.data import folders, sources, subsets
 
 EVAL_AUGMENTATIONS = (None, "crop_flip")
 _CACHE_LIMIT_BYTES = 512 * 2**20  # Decoded uint8 images below this size stay in memory.
 _ENDLESS = 2**62  # epochs: a stream that never ends in practice
 _IMAGENET_SUBSETS = {0.01: "imagenet2012_subset/1pct", 0.1: "imagenet2012_subset/10pct"}
+_HOLDOUT = folders.DEFAULT_HOLDOUT_FRACTION
 
 
 def _sharding(input_context, batch_size):
@@ -31,17 +32,18 @@ def _sharding(input_context, batch_size):
     return None, per_replica
 
 
-def _check_enough(info, count, batch_size, per_pipeline_batch, shard):
+def _check_enough(info, count, batch_size, per_pipeline_batch, shard, batch_flag="--batch_size"):
+    """batch_flag: how a user sets this batch size (pretraining: --batch_size)."""
     if count == 0:
-        raise ValueError(f"Dataset {info.name!r} split {info.split!r} has no images; check the "
-                         "dataset name, split and folder.")
+        raise ValueError(f"Dataset {info.name!r} split {info.split!r} has no images; check "
+                         "--dataset, its split (--set data.eval_split=...) and label fraction.")
     if count < batch_size:
         raise ValueError(f"Dataset {info.name!r} split {info.split!r} has {count} images, fewer "
-                         f"than one global batch of {batch_size}; lower batch_size or add images.")
+                         f"than one global batch of {batch_size}; lower {batch_flag} or add images.")
     if shard is not None and count // shard[0] < per_pipeline_batch:
         raise ValueError(f"Each of the {shard[0]} input pipelines gets about {count // shard[0]} of "
                          f"the {count} images, fewer than its batch of {per_pipeline_batch}; lower "
-                         "batch_size.")
+                         f"{batch_flag}.")
 
 
 def _view_augmenters(image_size, augment, channels, crop_scale, seed):
@@ -64,7 +66,7 @@ def _maybe_cache(ds, info, count):
 def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_size=256,
                         image_size=32, augment="byol", crop_scale=(0.08, 1.0), with_labels=True,
                         input_context=None, shuffle_buffer=10_000, seed=0, download=False,
-                        channels=None, initial_step=0):
+                        channels=None, initial_step=0, holdout_fraction=_HOLDOUT):
     """Endless, shuffled batches of two augmented views of each image.
 
     Returns a tf.data.Dataset of {"view_1": [B, S, S, C] float32 in [0, 1], "view_2": same,
@@ -77,10 +79,11 @@ def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_
     from a seed folded from (seed, t). So `initial_step=t` yields exactly batches t, t+1, ... of
     `initial_step=0` (a resumed run sees the data an uninterrupted one would), and gets there
     without augmenting what it skips: whole epochs cost nothing, the rest of one is read only.
+    holdout_fraction: what an image folder without test/ holds out of "train" (folders.scan_folder).
     """
     if not isinstance(initial_step, (int, np.integer)) or initial_step < 0:
         raise ValueError(f"initial_step must be an integer >= 0, got {initial_step!r}.")
-    source = sources.resolve(dataset, split, data_dir, download, channels)
+    source = sources.resolve(dataset, split, data_dir, download, channels, holdout_fraction)
     info = source.info
     shard, local_batch = _sharding(input_context, batch_size)
     _check_enough(info, info.num_examples, batch_size, local_batch, shard)
@@ -194,12 +197,13 @@ def random_crop_flip(image, image_size, scale=(0.08, 1.0)):
     return tf.clip_by_value(tf.image.random_flip_left_right(image), 0.0, 1.0)
 
 
-def _evaluation_source(dataset, split, data_dir, label_fraction, seed, download, channels):
+def _evaluation_source(dataset, split, data_dir, label_fraction, seed, download, channels,
+                       holdout_fraction):
     """(source, subset indices or None); ImageNet's official 1 % / 10 % subsets when they apply."""
     subset_name = _IMAGENET_SUBSETS.get(label_fraction)
     if label_fraction is not None and dataset == "imagenet2012" and split == "train" and subset_name:
         return sources.resolve(subset_name, split, data_dir, download, channels), None
-    source = sources.resolve(dataset, split, data_dir, download, channels)
+    source = sources.resolve(dataset, split, data_dir, download, channels, holdout_fraction)
     if label_fraction is None:
         return source, None
     subsets.subset_size(label_fraction, source.info.num_examples)  # Fail before reading labels.
@@ -209,28 +213,35 @@ def _evaluation_source(dataset, split, data_dir, label_fraction, seed, download,
 def evaluation_dataset(dataset, split, data_dir=None, batch_size=256, image_size=32,
                        label_fraction=None, seed=0, augment=None, input_context=None,
                        repeat=False, shuffle=False, download=False, channels=None,
-                       shuffle_buffer=10_000):
+                       shuffle_buffer=10_000, holdout_fraction=_HOLDOUT):
     """Batches of (images [B, S, S, C] float32 in [0, 1], labels [B] int32; -1 when unlabelled).
 
     Images are resized (shorter side to S, centre square) or, with augment="crop_flip", randomly
     cropped and flipped (for training a linear classifier). label_fraction keeps a seeded,
     class-balanced subset of exactly round(fraction * N) examples (ImageNet: the official TFDS
-    `imagenet2012_subset` for 0.01 / 0.1). The last batch is partial unless repeat=True.
+    `imagenet2012_subset` for 0.01 / 0.1), and at least one example per class. The last batch is
+    partial unless repeat=True; without repeat the dataset's cardinality (batches) is known, so
+    Keras' fit and learning-rate schedules can count its steps.
     """
     if augment not in EVAL_AUGMENTATIONS:
         raise ValueError(f"Evaluation augment must be one of {EVAL_AUGMENTATIONS}, got {augment!r}.")
     source, indices = _evaluation_source(dataset, split, data_dir, label_fraction, seed, download,
-                                         channels)
+                                         channels, holdout_fraction)
     info = source.info
     shard, local_batch = _sharding(input_context, batch_size)
     count = info.num_examples if indices is None else len(indices)
     if repeat:
-        _check_enough(info, count, batch_size, local_batch, shard)
+        _check_enough(info, count, batch_size, local_batch, shard,
+                      "--set eval.linear_batch_size=...")
     elif count == 0:
         _check_enough(info, count, 1, 1, None)
 
     ds = source.read(shard=shard, indices=indices, shuffle_seed=seed if shuffle else None)
-    ds = _maybe_cache(ds, info, count // (shard[0] if shard else 1))
+    local_count = len(range(shard[1], count, shard[0])) if shard else count
+    if ds.cardinality() < 0:
+        # A filtered subset, or a folder whose undecodable files are skipped: state the length.
+        ds = ds.apply(tf.data.experimental.assert_cardinality(local_count))
+    ds = _maybe_cache(ds, info, local_count)
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -247,17 +258,19 @@ def evaluation_dataset(dataset, split, data_dir=None, batch_size=256, image_size
     return ds.with_options(_options(shard)).prefetch(tf.data.AUTOTUNE)
 
 
-def dataset_info(dataset, split="train", data_dir=None, download=False, channels=None):
-    """DatasetInfo(name, num_examples, num_classes, image_shape, class_names, ...) of one split,
-    without decoding images (folders are scanned; the embedded set is prepared on first use)."""
-    return sources.resolve(dataset, split, data_dir, download, channels).info
+def dataset_info(dataset, split="train", data_dir=None, download=False, channels=None,
+                 holdout_fraction=_HOLDOUT):
+    """DatasetInfo(name, num_examples, num_classes, image_shape, class_names, description, ...) of
+    one split, without decoding images (folders are scanned; the embedded set is prepared on first
+    use)."""
+    return sources.resolve(dataset, split, data_dir, download, channels, holdout_fraction).info
 
 
 def load_arrays(dataset, split, data_dir=None, image_size=None, limit=None, download=False,
-                channels=None):
+                channels=None, holdout_fraction=_HOLDOUT):
     """(images [N, H, W, C] uint8, labels [N] int32; -1 when unlabelled) of the first `limit`
     examples in the split's fixed order; image_size resizes (and centre-crops) to a square."""
-    source = sources.resolve(dataset, split, data_dir, download, channels)
+    source = sources.resolve(dataset, split, data_dir, download, channels, holdout_fraction)
     height, width, _ = source.info.image_shape
     if image_size is None and not (height and width):
         raise ValueError(f"Images of {dataset!r} differ in size; pass image_size to load_arrays.")

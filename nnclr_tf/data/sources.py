@@ -30,6 +30,8 @@ class DatasetInfo:
 
     image_shape: (height, width, channels) as delivered; height and width are None when they vary.
     skipped_files: (path, reason) of files an image folder holds that are not readable images.
+    description: what this split is, in a sentence a report can show (image folders: where the
+      held-out split comes from, why there are no labels); "" when there is nothing to add.
     """
     name: str
     num_examples: int
@@ -40,6 +42,7 @@ class DatasetInfo:
     has_labels: bool = True
     source: str = ""
     skipped_files: tuple = ()
+    description: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +125,8 @@ def _not_prepared_message(name, builder, data_dir):
         default = tfds.builder(name)
         if default.is_prepared():
             elsewhere = f" A prepared copy exists under {default.data_dir_root}: pass that data_dir."
+    if os.path.isdir(name):  # a folder that happens to have a TFDS name
+        elsewhere += f" To use the folder {name!r} here instead, pass --dataset=./{name}."
     return (f"TFDS dataset {name!r} is not prepared in data_dir {searched} and nothing is "
             f"downloaded unless asked: {how}.{elsewhere}")
 
@@ -139,7 +144,10 @@ def _tfds_source(dataset, name, split, data_dir, download, channels):
     try:
         num_examples = builder.info.splits[split].num_examples
     except (KeyError, ValueError) as error:
-        raise ValueError(f"Split {split!r} is not available for {name!r}: {error}") from error
+        raise ValueError(
+            f"TFDS dataset {name!r} has no split {split!r} (it has "
+            f"{', '.join(builder.info.splits)}); choose one with --set data.eval_split=... "
+            "(or data.train_split, data.eval_train_split).") from error
     has_labels = _split_has_labels(features, split)
     label_feature = features["label"] if "label" in features else None
     class_names = tuple(label_feature.names) if label_feature is not None else ()
@@ -185,13 +193,14 @@ def _tfds_source(dataset, name, split, data_dir, download, channels):
     return Source(info=info, read=read, labels=labels, decode=decode)
 
 
-def _folder_source(dataset, split, channels):
-    scan = folders.scan_folder(dataset, split)
+def _folder_source(dataset, split, channels, holdout_fraction):
+    scan = folders.scan_folder(dataset, split, holdout_fraction)
     channels = channels or 3
     info = DatasetInfo(name=dataset, num_examples=len(scan.paths),
                        num_classes=len(scan.class_names), image_shape=(None, None, channels),
                        class_names=scan.class_names, split=split, has_labels=scan.has_labels,
-                       source=f"folder:{scan.root}", skipped_files=scan.skipped)
+                       source=f"folder:{scan.root}", skipped_files=scan.skipped,
+                       description=scan.description)
 
     def read(shard=None, indices=None, shuffle_seed=None, encoded=False):
         del shuffle_seed  # Files are shuffled as examples, later in the pipeline.
@@ -214,8 +223,13 @@ def _folder_source(dataset, split, channels):
     return Source(info=info, read=read, labels=lambda: scan.labels.copy(), decode=decode)
 
 
-def resolve(dataset, split="train", data_dir=None, download=False, channels=None):
-    """Source for a dataset name ("embedded", "fashion_mnist_full", a TFDS name, or a folder)."""
+def resolve(dataset, split="train", data_dir=None, download=False, channels=None,
+            holdout_fraction=folders.DEFAULT_HOLDOUT_FRACTION):
+    """Source for a dataset name ("embedded", "fashion_mnist_full", a TFDS name, or a folder).
+
+    holdout_fraction: the part of each class an image folder without a test/ sub-folder holds out
+    as its "test" split (see folders.scan_folder); TFDS datasets have their own splits.
+    """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3 (or None for the dataset's own), got {channels}.")
     if not isinstance(dataset, str) or not dataset:
@@ -223,5 +237,5 @@ def resolve(dataset, split="train", data_dir=None, download=False, channels=None
     if dataset in ALIASES or dataset.split("/")[0] == tfds_builder.BUILDER_NAME:
         return _tfds_source(dataset, ALIASES.get(dataset, dataset), split, data_dir, False, channels)
     if _is_folder(dataset):
-        return _folder_source(dataset, split, channels)
+        return _folder_source(dataset, split, channels, holdout_fraction)
     return _tfds_source(dataset, dataset, split, data_dir, download, channels)

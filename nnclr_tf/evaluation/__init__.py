@@ -9,6 +9,7 @@ from nnclr_tf.evaluation.finetune import fine_tune
 from nnclr_tf.evaluation.knn import KNNMonitor, knn_accuracy, knn_evaluate, knn_predict
 from nnclr_tf.evaluation.linear import linear_evaluation, linear_probe_accuracy
 from nnclr_tf.evaluation.transfer import (
+    DEFAULT_TRANSFER_DATASETS,
     PAPER_METRIC,
     PAPER_TRANSFER,
     TRANSFER_SPLITS,
@@ -18,6 +19,7 @@ from nnclr_tf.evaluation.transfer import (
 )
 
 __all__ = [
+    "DEFAULT_TRANSFER_DATASETS",
     "KNNMonitor",
     "PAPER_METRIC",
     "PAPER_TRANSFER",

@@ -12,8 +12,8 @@ from nnclr_tf.evaluation.features import extract_features
 from nnclr_tf.evaluation.linear import DEFAULT_L2_GRID, linear_probe_accuracy
 
 # The paper's transfer numbers (ResNet-50, linear evaluation on frozen features, percent).
-# Keys are TFDS names; "fgvc_aircraft" and "birdsnap" have no TFDS builder, so they only run when
-# a `load_fn` supplies them (e.g. from image folders).
+# Keys are TFDS names; "fgvc_aircraft" and "birdsnap" have no TFDS builder, so they are not in the
+# default list and only run when named with a `load_fn` that supplies them (e.g. image folders).
 PAPER_TRANSFER = {
     "food101": 76.7,
     "cifar10": 93.7,
@@ -43,6 +43,9 @@ TRANSFER_SPLITS = {
     "dtd": ("train+validation", "test"),
     "oxford_flowers102": ("train+validation", "test"),
 }
+# What transfer_suite runs by default: the paper's datasets that TFDS can build.
+DEFAULT_TRANSFER_DATASETS = tuple(name for name in PAPER_TRANSFER
+                                  if name not in ("fgvc_aircraft", "birdsnap"))
 _PERCENT_KEYS = ("top1", "top5", "mean_per_class", "val_top1", "knn_top1")
 
 
@@ -85,7 +88,7 @@ def transfer_suite(
     Args:
       encoder: keras.Model, images [batch, H, W, C] float in [0, 1] -> features [batch, D].
       datasets: dataset names: TFDS names, "embedded", "fashion_mnist_full" or image folders
-        (None or empty: the paper's twelve).
+        (None or empty: DEFAULT_TRANSFER_DATASETS, the paper's ten that TFDS has).
       load_fn: `load_fn(name, split) -> tf.data` of (images, labels) batches; by default
         `nnclr_tf.data.evaluation_dataset(name, split, data_dir, batch_size, image_size)`, with
         the images converted to the encoder's input channels (grayscale <-> RGB). A
@@ -101,7 +104,7 @@ def transfer_suite(
     """
     if isinstance(datasets, str):
         datasets = [datasets]
-    datasets = list(datasets or PAPER_TRANSFER)
+    datasets = list(datasets or DEFAULT_TRANSFER_DATASETS)
     load_fn = load_fn or _default_load_fn(
         data_dir, image_size, batch_size, _input_channels(encoder)
     )
