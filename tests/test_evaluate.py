@@ -1,5 +1,6 @@
 """Evaluation protocols against NumPy references and invariants, on tiny synthetic data."""
 
+import inspect
 import json
 import math
 import os
@@ -11,20 +12,39 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from conftest import tiny_encoder as shared_tiny_encoder
 from nnclr_tf import evaluate
 from nnclr_tf.evaluation import knn as knn_module
 from nnclr_tf.evaluation import linear as linear_module
 
 
 def tiny_encoder(seed=0, size=8):
-    """Images [batch, size, size, 3] -> features [batch, 4], with batch norm."""
+    """Images [batch, size, size, 3] -> features [batch, 8]: conv, batch norm, a strided conv."""
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input((size, size, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU()(x)
-    outputs = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, outputs, name="tiny_encoder")
+    return shared_tiny_encoder((size, size, 3), width=4)
+
+
+@keras.saving.register_keras_serializable(package="nnclr_tf_tests")
+class OddBatchCounter(keras.layers.Layer):
+    """Identity layer counting the odd-sized batches it is called on (TF 2.21's oneDNN crash)."""
+
+    def build(self, input_shape):
+        self.odd_batches = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="odd_batches"
+        )
+
+    def call(self, images):
+        self.odd_batches.assign_add(tf.cast(tf.shape(images)[0] % 2, "float32"))
+        return images
+
+
+def counting_encoder(seed=0, size=8):
+    """No batch norm (its moving statistics would need many steps), a strided conv, a counter."""
+    keras.utils.set_random_seed(seed)
+    images = keras.Input((size, size, 3))
+    x = OddBatchCounter(name="odd_batch_counter")(images)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    return keras.Model(images, keras.layers.GlobalAveragePooling2D()(x), name="counting_encoder")
 
 
 def colour_images(count, num_classes, seed=0, size=8):
@@ -235,7 +255,10 @@ class ProtocolTest(parameterized.TestCase):
             epochs=2,
             learning_rate=0.5,
         )
-        self.assertEqual(set(results), {"top1", "top5"})
+        self.assertEqual(
+            set(results), {"top1", "top5", "num_test", "epochs", "learning_rate"}
+        )
+        self.assertEqual((results["num_test"], results["epochs"]), (64, 2))
         self.assertTrue(encoder.trainable)  # the caller's flag is restored
         for old, new in zip(before, encoder.get_weights()):  # includes batch-norm moving statistics
             np.testing.assert_array_equal(old, new)
@@ -252,16 +275,63 @@ class ProtocolTest(parameterized.TestCase):
             epochs=2,
             learning_rate=0.1,
         )
-        self.assertEqual(set(results), {"top1"})
+        self.assertEqual(set(results), {"top1", "num_test", "epochs", "learning_rate"})
         for old, new in zip(before, encoder.get_weights()):
             np.testing.assert_array_equal(old, new)
         copy = classifier.layers[1]
         self.assertIsNot(copy, encoder)
         changed = [not np.array_equal(a, b) for a, b in zip(before, copy.get_weights())]
         self.assertTrue(
-            all(changed), "every encoder weight (kernel, bias, BN) should be fine-tuned"
+            all(changed), "every encoder weight (kernel, BN) should be fine-tuned"
         )
         self.assertEqual(classifier.output_shape, (None, 3))
+
+    @parameterized.parameters(("linear_evaluation", 0.5), ("fine_tune", 0.1))
+    def test_accuracy_rises_far_above_chance_on_a_separable_problem(self, protocol, learning_rate):
+        # Three colours, chance 1/3: the head starts random, so only training gets it near 1.
+        train = colour_images(96, 3, seed=0)
+        test = colour_images(60, 3, seed=1)
+        results = getattr(evaluate, protocol)(
+            counting_encoder(), batches(*train), batches(*test), 3, epochs=4,
+            learning_rate=learning_rate,
+        )
+        results = results[0] if protocol == "fine_tune" else results
+        self.assertGreaterEqual(results["top1"], 0.9)
+        self.assertEqual(results["num_test"], 60)
+
+    @parameterized.parameters("linear_evaluation", "fine_tune")
+    def test_no_training_step_sees_an_odd_batch(self, protocol):
+        # 17 training images in batches of 8 end with a batch of 1: it must reach the model
+        # doubled (TensorFlow 2.21's oneDNN kernels can crash the process on odd batches).
+        encoder = counting_encoder()
+        images, labels = colour_images(17, 3)
+        test = colour_images(16, 3, seed=1)  # even batches: only training could count
+        results = getattr(evaluate, protocol)(
+            encoder, batches(images, labels), batches(*test), 3, epochs=2, learning_rate=0.1
+        )
+        if protocol == "fine_tune":
+            results, classifier = results
+            encoder = classifier.layers[1]  # the trained copy
+        self.assertEqual(float(encoder.get_layer("odd_batch_counter").odd_batches.numpy()), 0.0)
+        self.assertEqual(results["num_test"], 16)
+
+    def test_doubling_an_odd_batch_leaves_the_gradient_and_batch_statistics_unchanged(self):
+        images, labels = colour_images(7, 3)
+        (doubled_images, doubled_labels), = list(
+            evaluate.even_batches(batches(images, labels, batch_size=7))
+        )
+        self.assertEqual(doubled_images.shape[0], 14)
+        encoder = tiny_encoder()
+        head = keras.layers.Dense(3)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        def gradients(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, head(encoder(x, training=True)))
+            return tape.gradient(loss, encoder.trainable_variables + head.trainable_variables)
+
+        for single, double in zip(gradients(images, labels), gradients(doubled_images, doubled_labels)):
+            np.testing.assert_allclose(double, single, rtol=1e-4, atol=1e-6)
 
     def test_transfer_suite_skips_unprepared_and_writes_table(self):
         encoder = tiny_encoder()
@@ -319,6 +389,58 @@ class ProtocolTest(parameterized.TestCase):
         (row,) = evaluate.transfer_suite(encoder, ["stl10"], load_fn=unlabelled)
         self.assertEqual(row["status"], "skipped")
         self.assertIn("unlabelled", row["reason"])
+
+
+class InputTest(parameterized.TestCase):
+    """What a notebook user has: arrays, (x, y) tuples, dict datasets; un-batched data is refused."""
+
+    def test_arrays_and_dict_datasets_give_the_same_results_as_tuple_datasets(self):
+        encoder = tiny_encoder()
+        images, labels = colour_images(30, 3)
+        expected, _ = evaluate.extract_features(encoder, batches(images, labels))
+        dicts = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(7)
+        uint8 = (np.round(images * 255).astype(np.uint8), labels)
+        for data in ((images, labels), dicts, uint8):
+            features, got_labels = evaluate.extract_features(encoder, data)
+            np.testing.assert_allclose(features, expected, atol=2e-2 if data is uint8 else 1e-5)
+            np.testing.assert_array_equal(got_labels, labels)
+        knn = evaluate.knn_evaluate(encoder, (images, labels), dicts, 3, k=5)
+        self.assertEqual((knn["k"], knn["num_bank"], knn["num_queries"]), (5, 30, 30))
+
+    def test_linear_evaluation_takes_dict_datasets_and_arrays(self):
+        train, test = colour_images(96, 3, seed=0), colour_images(60, 3, seed=1)
+        dicts = tf.data.Dataset.from_tensor_slices({"image": train[0], "label": train[1]}).batch(8)
+        results = evaluate.linear_evaluation(
+            counting_encoder(), dicts, test, 3, epochs=4, learning_rate=0.5, batch_size=8
+        )
+        self.assertGreaterEqual(results["top1"], 0.9)
+        self.assertEqual(results["num_test"], 60)
+
+    def test_unbatched_data_is_one_clear_sentence(self):
+        images, labels = colour_images(8, 2)
+        unbatched = tf.data.Dataset.from_tensor_slices((images, labels))
+        with self.assertRaisesRegex(ValueError, r"un-batched.*\.batch\(256\)"):
+            evaluate.extract_features(tiny_encoder(), unbatched)
+        with self.assertRaisesRegex(ValueError, r"train_ds .*un-batched"):
+            evaluate.linear_evaluation(tiny_encoder(), unbatched, (images, labels), 2, epochs=1)
+        with self.assertRaisesRegex(ValueError, "same N"):
+            evaluate.extract_features(tiny_encoder(), (images, labels[:3]))
+
+    def test_protocol_defaults_match_the_cli(self):
+        from nnclr_tf.config import EvalConfig
+
+        def default(function, name):
+            return inspect.signature(function).parameters[name].default
+
+        e = EvalConfig()
+        self.assertEqual(default(evaluate.knn_evaluate, "k"), e.knn_k)
+        self.assertEqual(default(evaluate.knn_evaluate, "temperature"), e.knn_temperature)
+        self.assertEqual(default(evaluate.linear_evaluation, "epochs"), e.linear_epochs)
+        self.assertEqual(
+            default(evaluate.linear_evaluation, "learning_rate"), e.linear_learning_rate
+        )
+        self.assertEqual(default(evaluate.fine_tune, "epochs"), e.finetune_epochs)
+        self.assertEqual(default(evaluate.fine_tune, "learning_rate"), e.finetune_learning_rate)
 
 
 class TinyClassifier(keras.Model):

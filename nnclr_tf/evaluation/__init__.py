@@ -1,10 +1,18 @@
 """Evaluation protocols for a frozen (or fine-tuned) encoder: kNN, linear, fine-tuning, transfer.
 
-Every protocol takes an encoder keras.Model mapping images [batch, H, W, C] float in [0, 1] to
-features [batch, D] and tf.data datasets of (images, labels) batches.
+One function per protocol takes an encoder keras.Model mapping images [batch, H, W, C] float in
+[0, 1] to features [batch, D], and data as a batched tf.data.Dataset of (images, labels) tuples or
+{"image", "label"} dicts, or as an (images, labels) tuple of NumPy arrays:
+
+    knn_evaluate(encoder, train, test, num_classes)          # k=200, temperature=0.1
+    linear_evaluation(encoder, train, test, num_classes)     # SGD on a frozen encoder, 90 epochs
+    fine_tune(encoder, train, test, num_classes)             # the whole encoder, 30 epochs
+    transfer_suite(encoder, ["cifar10", "dtd"])              # L-BFGS probe per dataset
+
+On precomputed features: `knn_accuracy` and `linear_probe_accuracy` (`extract_features` makes them).
 """
 
-from nnclr_tf.evaluation.features import extract_features
+from nnclr_tf.evaluation.features import as_dataset, even_batches, extract_features
 from nnclr_tf.evaluation.finetune import fine_tune
 from nnclr_tf.evaluation.knn import KNNMonitor, knn_accuracy, knn_evaluate, knn_predict
 from nnclr_tf.evaluation.linear import linear_evaluation, linear_probe_accuracy
@@ -24,6 +32,8 @@ __all__ = [
     "PAPER_METRIC",
     "PAPER_TRANSFER",
     "TRANSFER_SPLITS",
+    "as_dataset",
+    "even_batches",
     "extract_features",
     "fine_tune",
     "knn_accuracy",

@@ -1,16 +1,17 @@
 """Semi-supervised fine-tuning (the paper's 1 % / 10 % ImageNet protocol) of a copy of the encoder.
 
-results, classifier = fine_tune(encoder, labelled_train_ds, test_ds, num_classes=1000,
-                                epochs=30, learning_rate=0.05)
+results, classifier = fine_tune(encoder, labelled_train_ds, test_ds, num_classes=1000)
+results, classifier = fine_tune(encoder, (x_train, y_train), (x_test, y_test), num_classes=10)
 """
 
 import keras
 
+from nnclr_tf.config import EvalConfig
 from nnclr_tf.evaluation.linear import (
-    check_finite,
     compile_classifier,
     evaluate_classifier,
     steps_in,
+    training_data,
 )
 
 
@@ -33,28 +34,33 @@ def fine_tune(
     train_ds,
     test_ds,
     num_classes,
-    epochs,
-    learning_rate,
+    epochs=EvalConfig.finetune_epochs,
+    learning_rate=EvalConfig.finetune_learning_rate,
     momentum=0.9,
     weight_decay=0.0,
     steps_per_epoch=None,
     verbose=0,
+    batch_size=256,
+    seed=0,
 ):
     """Fine-tunes a copy of the encoder plus a linear head end to end on labelled data.
 
     Args:
       encoder: keras.Model, images [batch, H, W, C] float in [0, 1] -> features [batch, D]; copied
         with clone_model + set_weights, so its own weights stay as they were.
-      train_ds: (images, labels) batches (e.g. the 1 % or 10 % subset, augmented by the caller);
-        test_ds: finite, un-augmented.
-      epochs, learning_rate, momentum, weight_decay: SGD with momentum, cosine decay to 0.
+      train_ds: (images, labels) batches (e.g. the 1 % or 10 % subset, augmented by the caller),
+        or (images, labels) arrays (shuffled every epoch); test_ds: finite, un-augmented, or
+        arrays. Datasets may yield {"image", "label"} dicts.
+      epochs, learning_rate, momentum, weight_decay: SGD with momentum, cosine decay to 0
+        (defaults: 30 epochs at 0.01, as `nnclr finetune`).
+      batch_size: batch size for arrays.
 
     Returns:
-      (dict(top1, top5 (num_classes >= 5)) on test_ds, the fine-tuned classifier keras.Model mapping
-      images to logits [batch, num_classes]).
+      (dict(top1, top5 (num_classes >= 5), num_test, epochs, learning_rate) on test_ds, the
+      fine-tuned classifier keras.Model mapping images to logits [batch, num_classes]).
     """
+    train_ds, test_ds = training_data(train_ds, test_ds, batch_size, seed)
     steps = steps_in(train_ds, steps_per_epoch)
-    check_finite(test_ds, "test_ds")
     backbone = copy_encoder(encoder)
     inputs = keras.Input(shape=tuple(train_ds.element_spec[0].shape[1:]), name="images")
     logits = keras.layers.Dense(num_classes, dtype="float32", name="classifier_head")(
@@ -67,4 +73,5 @@ def fine_tune(
     classifier.fit(
         train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False
     )
-    return evaluate_classifier(classifier, test_ds, num_classes), classifier
+    results = evaluate_classifier(classifier, test_ds, num_classes)
+    return {**results, "epochs": int(epochs), "learning_rate": float(learning_rate)}, classifier

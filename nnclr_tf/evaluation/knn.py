@@ -3,6 +3,8 @@
 Each query votes with its k most cosine-similar bank rows, each neighbour weighted by
 exp(similarity / temperature); the class with the largest summed weight wins.
 
+    knn_evaluate(encoder, train_ds, test_ds, num_classes=10)   # {"top1", "top5", "k", ...}
+    # the same from features (knn_accuracy takes features, every other protocol an encoder):
     bank_x, bank_y = extract_features(encoder, train_ds)
     query_x, query_y = extract_features(encoder, test_ds)
     knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=10)   # {"top1": ..., "top5": ...}
@@ -13,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from nnclr_tf.config import EvalConfig
 from nnclr_tf.evaluation.features import accuracy_metrics, extract_features
 
 
@@ -139,11 +142,30 @@ def knn_accuracy(bank_features, bank_labels, query_features, query_labels, num_c
     return accuracy_metrics(scores, query_labels, num_classes)
 
 
-def knn_evaluate(encoder, bank_ds, query_ds, num_classes, k=200, temperature=0.1, **kwargs):
-    """Extracts features of both datasets with `encoder` and returns `knn_accuracy`'s dict."""
+def knn_evaluate(
+    encoder,
+    bank_ds,
+    query_ds,
+    num_classes,
+    k=EvalConfig.knn_k,
+    temperature=EvalConfig.knn_temperature,
+    **kwargs,
+):
+    """The kNN protocol on an encoder: features of both datasets, then `knn_accuracy`.
+
+    Args:
+      encoder: images [batch, H, W, C] float in [0, 1] -> features [batch, D].
+      bank_ds, query_ds: finite (images, labels) batches, or (images, labels) arrays.
+      k, temperature: as `nnclr knn` (200 neighbours, exp(cosine / 0.1) votes).
+
+    Returns:
+      dict(top1, top5 (num_classes >= 5), k (used: at most the bank size), temperature,
+      num_bank, num_queries).
+    """
     bank_features, bank_labels = extract_features(encoder, bank_ds)
     query_features, query_labels = extract_features(encoder, query_ds)
-    return knn_accuracy(
+    k = min(int(k), len(bank_features))
+    results = knn_accuracy(
         bank_features,
         bank_labels,
         query_features,
@@ -153,6 +175,8 @@ def knn_evaluate(encoder, bank_ds, query_ds, num_classes, k=200, temperature=0.1
         temperature=temperature,
         **kwargs,
     )
+    return {**results, "k": k, "temperature": float(temperature),
+            "num_bank": len(bank_labels), "num_queries": len(query_labels)}
 
 
 class KNNMonitor(keras.callbacks.Callback):

@@ -3,16 +3,20 @@
 # Fast path (transfer suite, quick checks): L2-regularised logistic regression on features.
 linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes)  # {"top1", "top5", "l2", ...}
 # The paper's protocol: a Dense head on a frozen encoder, SGD + cosine on augmented images.
-linear_evaluation(encoder, augmented_train_ds, test_ds, num_classes, epochs=90, learning_rate=0.1)
+linear_evaluation(encoder, augmented_train_ds, test_ds, num_classes)   # 90 epochs, lr 0.1
+linear_evaluation(encoder, (x_train, y_train), (x_test, y_test), num_classes, epochs=10)
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from nnclr_tf.config import EvalConfig
 from nnclr_tf.evaluation.features import (
     accuracy_metrics,
+    as_dataset,
     check_finite,
+    even_batches,
     mean_per_class_accuracy,
 )
 
@@ -194,6 +198,20 @@ def steps_in(dataset, steps_per_epoch, argument="train_ds"):
     return steps
 
 
+class ExampleCount(keras.metrics.Metric):
+    """The number of examples evaluated (rows of y_true), so results state their test size."""
+
+    def __init__(self, name="examples", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        self.count.assign_add(tf.cast(tf.shape(y_pred)[0], "float32"))
+
+    def result(self):
+        return self.count
+
+
 def compile_classifier(model, learning_rate, total_steps, momentum, weight_decay, num_classes):
     """SGD with momentum on a cosine-decayed learning rate, top-1 / top-5 metrics."""
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -205,6 +223,7 @@ def compile_classifier(model, learning_rate, total_steps, momentum, weight_decay
     metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1")]
     if num_classes >= 5:
         metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"))
+    metrics.append(ExampleCount())
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -213,11 +232,20 @@ def compile_classifier(model, learning_rate, total_steps, momentum, weight_decay
 
 
 def evaluate_classifier(model, test_ds, num_classes):
-    """dict(top1, top5 (num_classes >= 5)) of a compiled classifier on a finite dataset."""
+    """dict(top1, top5 (num_classes >= 5), num_test) of a compiled classifier on a finite dataset."""
     check_finite(test_ds, "test_ds")
     logs = model.evaluate(test_ds, verbose=0, return_dict=True)
     keys = ("top1", "top5") if num_classes >= 5 else ("top1",)
-    return {key: float(logs[key]) for key in keys}
+    return {**{key: float(logs[key]) for key in keys}, "num_test": int(logs["examples"])}
+
+
+def training_data(train_ds, test_ds, batch_size, seed):
+    """(train, test) datasets of (images, labels) from datasets or arrays; odd training batches
+    are doubled (`even_batches`), so no training step meets TensorFlow's odd-batch crash."""
+    train_ds = even_batches(as_dataset(train_ds, "train_ds", batch_size, shuffle=True, seed=seed))
+    test_ds = as_dataset(test_ds, "test_ds", batch_size)
+    check_finite(test_ds, "test_ds")
+    return train_ds, test_ds
 
 
 def linear_evaluation(
@@ -225,12 +253,14 @@ def linear_evaluation(
     train_ds,
     test_ds,
     num_classes,
-    epochs,
-    learning_rate,
+    epochs=EvalConfig.linear_epochs,
+    learning_rate=EvalConfig.linear_learning_rate,
     momentum=0.9,
     weight_decay=0.0,
     steps_per_epoch=None,
     verbose=0,
+    batch_size=256,
+    seed=0,
 ):
     """The paper's linear evaluation: a Dense head trained on a frozen encoder.
 
@@ -241,14 +271,17 @@ def linear_evaluation(
     Args:
       encoder: keras.Model, images [batch, H, W, C] float in [0, 1] -> features [batch, D].
       train_ds: (images, labels) batches, already augmented by the caller (may repeat when
-        `steps_per_epoch` is given); test_ds: finite, un-augmented.
-      epochs, learning_rate, momentum, weight_decay: the head's SGD schedule.
+        `steps_per_epoch` is given), or (images, labels) arrays (shuffled every epoch);
+        test_ds: finite, un-augmented, or arrays. Datasets may yield {"image", "label"} dicts.
+      epochs, learning_rate, momentum, weight_decay: the head's SGD schedule (defaults: the
+        paper's 90 epochs at 0.1, as `nnclr linear_eval`).
+      batch_size: batch size for arrays.
 
     Returns:
-      dict(top1, top5 (num_classes >= 5)) on test_ds.
+      dict(top1, top5 (num_classes >= 5), num_test, epochs, learning_rate) on test_ds.
     """
+    train_ds, test_ds = training_data(train_ds, test_ds, batch_size, seed)
     steps = steps_in(train_ds, steps_per_epoch)
-    check_finite(test_ds, "test_ds")
     image_spec = train_ds.element_spec[0]
     inputs = keras.Input(shape=tuple(image_spec.shape[1:]), name="images")
     was_trainable = encoder.trainable
@@ -263,6 +296,7 @@ def linear_evaluation(
         classifier.fit(
             train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False
         )
-        return evaluate_classifier(classifier, test_ds, num_classes)
+        results = evaluate_classifier(classifier, test_ds, num_classes)
+        return {**results, "epochs": int(epochs), "learning_rate": float(learning_rate)}
     finally:
         encoder.trainable = was_trainable
