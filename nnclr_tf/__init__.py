@@ -31,6 +31,7 @@ _EXPORTS = {
     "LARS": "nnclr_tf.optim",
     "WarmupCosine": "nnclr_tf.optim",
     "view_augmenter": "nnclr_tf.augment",
+    "map_views": "nnclr_tf.augment",
     "pretraining_dataset": "nnclr_tf.data",
     "evaluation_dataset": "nnclr_tf.data",
     "export_encoder": "nnclr_tf.export",

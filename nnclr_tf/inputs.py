@@ -22,10 +22,20 @@ def _shape_text(shape):
 
 
 def encoder_features_shape(encoder, input_shape):
-    """The encoder's output shape for images `input_shape`; one sentence unless [batch, D]."""
-    name = encoder.name
+    """The encoder's output shape for images `input_shape`; one sentence unless [batch, D].
+
+    A Functional encoder says it; any other (subclassed) encoder is called once on a zero image,
+    which also builds it.
+    """
+    name, input_shape = encoder.name, tuple(input_shape)
     try:
-        features = tuple(encoder.compute_output_shape(tuple(input_shape)))
+        if getattr(encoder, "inputs", None):
+            features = tuple(encoder.compute_output_shape(input_shape))
+        else:
+            if len(input_shape) != 4 or None in input_shape[1:]:
+                raise ValueError("the image shape must be (None, H, W, C) with H, W, C known")
+            probe = encoder(np.zeros((1,) + input_shape[1:], np.float32), training=False)
+            features = (None,) + tuple(probe.shape[1:])
     except Exception as error:  # pylint: disable=broad-except  (any failure means: no shape)
         raise ValueError(
             f"The encoder {name!r} cannot say its output shape for images "
@@ -119,9 +129,8 @@ def check_views(view_1, view_2, labels):
         raise ValueError(
             f"The training batch is (images {_describe(view_1)}, labels {_describe(view_2)}), a "
             "labelled image dataset, but NNCLR trains on two augmented views of each image; map it "
-            "first: ds.map(lambda x, y: ((view_1(x), view_2(x)), y)) with view_1, view_2 = "
-            "nnclr_tf.view_augmenter(1, size), nnclr_tf.view_augmenter(2, size), or use "
-            "nnclr_tf.pretraining_dataset.")
+            "first with nnclr_tf.map_views(ds, nnclr_tf.view_augmenter(1, image_size), "
+            "nnclr_tf.view_augmenter(2, image_size)), or use nnclr_tf.pretraining_dataset.")
     for name, view in (("view_1", view_1), ("view_2", view_2)):
         rank = _rank(view)
         if rank == 3:

@@ -202,8 +202,6 @@ class NNCLR(keras.Model):
         if input_shape is None and not getattr(self.encoder, "inputs", None):
             raise ValueError(self._unbuilt_message())
         input_shape = tuple(input_shape if input_shape is not None else self.encoder.input_shape)
-        if not self.encoder.built:
-            self.encoder.build(input_shape)
         features_shape = inputs.encoder_features_shape(self.encoder, input_shape)
         z_shape = features_shape[:-1] + (self.projection_dim,)
         for layer, shape in ((self.projection_head, features_shape),
