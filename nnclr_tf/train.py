@@ -7,8 +7,11 @@
 
 Running the same config again with the same run.model_dir resumes from the last checkpoint (step,
 learning-rate schedule, optimizer state, every weight and the support set), so a killed run redoes
-at most run.checkpoint_every_steps steps. The data stream is a function of (run.seed, step), so with
-run.deterministic=true the resumed run ends with the weights of an uninterrupted one, bit for bit.
+at most run.checkpoint_every_steps steps; SIGINT or SIGTERM save a checkpoint at the next step
+boundary and raise callbacks.TrainingInterrupted. The data stream is a function of (run.seed, step),
+so with run.deterministic=true the resumed run ends with the weights of an uninterrupted one, bit
+for bit. Resuming with other trained settings (batch size, learning rate, steps, seed, data, ...)
+is refused unless run.allow_config_change; config_history.jsonl keeps each config's step range.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import keras
 import tensorflow as tf
 
 from nnclr_tf import backbones, distribute, optim
+from nnclr_tf.callbacks import CSVLog, StopOnSignal, TensorBoard
 from nnclr_tf.config import Config, ConfigError, validate
 from nnclr_tf.data import dataset_info, pretraining_dataset
 from nnclr_tf.model import NNCLR
-from nnclr_tf.runs import (CheckpointCallback, RunDir, TrainingDivergedError, model_checkpoint,
-                           restore_checkpoint, save_checkpoint)
+from nnclr_tf.runs import (CheckpointCallback, RunDir, TrainingDivergedError, changed_settings,
+                           checkpoint_step, model_checkpoint, restore_checkpoint, save_checkpoint)
 
 log = logging.getLogger("nnclr_tf")
 
@@ -64,13 +68,42 @@ def schedule_steps(config: Config, num_examples: int) -> tuple[int, int]:
     return min(steps_per_epoch, total), total
 
 
-def build_optimizer(config: Config, steps_per_epoch: int, total_steps: int) -> keras.optimizers.Optimizer:
+def learning_rate_schedule(config: Config, steps_per_epoch: int, total_steps: int) -> optim.WarmupCosine:
+    """The run's warm-up + cosine schedule: a function of the step and of the run's total steps."""
     o = config.optim
-    schedule = optim.WarmupCosine(
+    return optim.WarmupCosine(
         base_learning_rate=o.base_learning_rate, batch_size=o.batch_size, total_steps=total_steps,
         warmup_steps=int(round(o.warmup_epochs * steps_per_epoch)), scaling=o.lr_scaling)
-    return optim.build_optimizer(o.optimizer, schedule, weight_decay=o.weight_decay,
-                                 momentum=o.momentum)
+
+
+def build_optimizer(config: Config, steps_per_epoch: int, total_steps: int) -> keras.optimizers.Optimizer:
+    o = config.optim
+    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+    return optim.build_optimizer(o.optimizer, schedule,
+                                 weight_decay=o.weight_decay, momentum=o.momentum)
+
+
+def check_resume(config: Config, previous: Config, step: int, num_examples: int) -> None:
+    """Refuses (ConfigError) to resume at `step` a run trained with `previous` under other trained
+    settings, unless run.allow_config_change; the message states what the new step count does to
+    the learning-rate schedule, which is a function of the step and of the total steps."""
+    changes = changed_settings(previous, config)
+    if not changes:
+        return
+    old, new = (learning_rate_schedule(c, *schedule_steps(c, num_examples)) for c in (previous, config))
+    schedule = ""
+    if old.total_steps != new.total_steps:
+        schedule = (f" (the learning-rate schedule is then recomputed for {new.total_steps} steps "
+                    f"instead of {old.total_steps}: the rate at step {step} becomes "
+                    f"{float(new(step)):.4g} instead of {float(old(step)):.4g}, decaying to 0 at "
+                    f"step {new.total_steps})")
+    where = f"Model dir {config.run.model_dir!r} holds a run at step {step}"
+    if not config.run.allow_config_change:
+        raise ConfigError(
+            f"{where} trained with other settings ({', '.join(changes)}): run with the same "
+            f"settings to resume it, add --allow_config_change to continue it with the new ones"
+            f"{schedule}, or use a new --model_dir.")
+    log.warning("%s; continuing it with changed settings (%s)%s.", where, ", ".join(changes), schedule)
 
 
 def check_input(config: Config, channels: int) -> tuple[int, int, int]:
@@ -86,12 +119,29 @@ def check_input(config: Config, channels: int) -> tuple[int, int, int]:
 
 
 def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | None = None) -> PretrainResult:
-    """Pretrains NNCLR as configured; resumes from run.model_dir when it holds a checkpoint."""
+    """Pretrains NNCLR as configured; resumes from run.model_dir when it holds a checkpoint.
+
+    On SIGINT / SIGTERM during training it saves a checkpoint after the step that is running and
+    raises callbacks.TrainingInterrupted (a KeyboardInterrupt) naming that step.
+    """
     config = validate(config)
-    d, o, r = config.data, config.optim, config.run
+    r = config.run
     # The strategy first: splitting the CPU and configuring a multi-worker cluster's collectives
     # must happen before anything (even reading a dataset's metadata) starts TensorFlow's devices.
     strategy = distribute.get_strategy(r.strategy, r.cpu_replicas)
+    # Multi-worker runs keep the default handlers: saving is a collective every worker joins, so
+    # one signalled worker cannot stop and save alone.
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    with StopOnSignal(install=not multi_worker) as stop:
+        return _pretrain(config, strategy, stop, verbose, callbacks, report)
+
+
+def _pretrain(config, strategy, stop, verbose, callbacks, report) -> PretrainResult:
+    d, o, r = config.data, config.optim, config.run
+    run_dir = RunDir(r.model_dir)
+    chief = distribute.is_chief(strategy)
+    if chief:
+        run_dir.check_writable()  # a read-only or full model dir: refused before any work
     info = dataset_info(d.dataset, d.train_split, data_dir=d.data_dir,
                         holdout_fraction=d.holdout_fraction)
     evaluates = (r.report if report is None else report) or config.eval.knn_every_epochs > 0
@@ -104,8 +154,10 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
         raise ConfigError(
             f"Dataset {d.dataset!r} split {d.train_split!r} has {info.num_examples} images, fewer than "
             f"one batch of {o.batch_size}; lower --batch_size or use more data.")
-    run_dir = RunDir(r.model_dir)
-    run_dir.check_claim(config, input_shape, info.num_classes)  # another architecture: refused here
+    previous = run_dir.check_claim(config, input_shape, info.num_classes)  # another architecture
+    if previous is not None:  # other trained settings: refused here, unless allowed
+        check_resume(config, previous, checkpoint_step(run_dir.latest_checkpoint(warn=False)),
+                     info.num_examples)
 
     keras.utils.set_random_seed(r.seed)
     if r.deterministic:
@@ -124,7 +176,6 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
         optimizer.build(model.trainable_variables)  # its slots mirror the weights: made in the scope
     # Multi-worker: every worker saves each checkpoint (saving is collective), the chief into the
     # model dir, the others into a scratch folder deleted at the end; all resume from the model dir.
-    chief = distribute.is_chief(strategy)
     scratch = None if chief else tempfile.mkdtemp(prefix="nnclr_worker_checkpoints_")
     try:
         # model.optimizer: under mixed_float16, compile wrapped `optimizer` in a LossScaleOptimizer
@@ -133,10 +184,10 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
                                                  directory=scratch)
         start_step = run_dir.restore(checkpoints)
         distribute.check_same_step(strategy, start_step, r.model_dir)
-        if chief:
-            run_dir.record_claim(config, input_shape, info.num_classes)  # once the restore worked
-        history = _train(model, config, info, run_dir, checkpoints, start_step, chief, verbose,
-                         callbacks)
+        if chief:  # once the restore worked
+            run_dir.record_claim(config, input_shape, info.num_classes, step=start_step)
+        history = _train(model, config, info, run_dir, checkpoints, start_step, chief, stop,
+                         verbose, callbacks)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -153,8 +204,12 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
     return result
 
 
-def _train(model, config, info, run_dir, checkpoints, start_step, chief, verbose, callbacks) -> dict:
-    """Trains from `start_step` to the configured end, saves the last checkpoint; returns the history."""
+def _train(model, config, info, run_dir, checkpoints, start_step, chief, stop, verbose,
+           callbacks) -> dict:
+    """Trains from `start_step` to the configured end, saves the last checkpoint; returns the history.
+
+    Stopped by a signal (`stop`), it saves the step reached and raises TrainingInterrupted.
+    """
     d, o, r = config.data, config.optim, config.run
     steps_per_epoch, total_steps = schedule_steps(config, info.num_examples)
     strategy, channels = model.distribute_strategy, model.encoder.input_shape[-1]
@@ -177,36 +232,43 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, verbose
         return dataset_fn()
 
     history: dict[str, list] = {}
-    if start_step < total_steps:
-        checkpoint_callback = CheckpointCallback(checkpoints, every_steps=r.checkpoint_every_steps)
-        writers = []  # the chief's: the kNN monitor (before the loggers, which record knn_top1), logs
-        if chief:
-            if config.eval.knn_every_epochs > 0:
-                from nnclr_tf.report import knn_monitor_callbacks
-                writers += knn_monitor_callbacks(config, info.num_classes)
-            writers += [keras.callbacks.CSVLogger(run_dir.csv_log, append=True),
-                        keras.callbacks.TensorBoard(run_dir.tensorboard,
-                                                    update_freq=r.log_every_steps)]
-        fit_callbacks = [checkpoint_callback, *writers, *callbacks]
-        step = start_step
+    if start_step >= total_steps:
+        log.info("Model dir %s already holds a finished run of %d steps; nothing to train (to train "
+                 "longer, raise --train_steps or --epochs and add --allow_config_change).",
+                 r.model_dir, start_step)
+        return history
+    checkpoint_callback = CheckpointCallback(checkpoints, every_steps=r.checkpoint_every_steps)
+    writers = []  # the chief's: the kNN monitor (before the loggers, which record knn_top1), logs
+    if chief:
+        if config.eval.knn_every_epochs > 0:
+            from nnclr_tf.report import knn_monitor_callbacks
+            writers += knn_monitor_callbacks(config, info.num_classes)
+        # Both log at the optimizer step, so the logs of a resumed run continue its own.
+        writers += [CSVLog(run_dir.csv_log),
+                    TensorBoard(run_dir.tensorboard, update_freq=r.log_every_steps)]
+    fit_callbacks = [stop, checkpoint_callback, *writers, *callbacks]
+    step = start_step
+    with stop.training():
+        log.info("Training from step %d to step %d.", start_step, total_steps)
         for initial_epoch, epochs, steps in plan_segments(start_step, total_steps, steps_per_epoch):
+            if stop.signum is not None or model.stop_training:
+                break
             # Each segment continues the one data stream from the step it starts at.
             out = model.fit(make_dataset(step), initial_epoch=initial_epoch, epochs=epochs,
                             steps_per_epoch=steps, callbacks=fit_callbacks, verbose=verbose)
             for key, values in out.history.items():
                 history.setdefault(key, []).extend(float(v) for v in values)
-            step += (epochs - initial_epoch) * steps
-            if model.stop_training:
-                break
-        if checkpoint_callback.diverged_at is not None:
-            raise TrainingDivergedError(
-                f"Training stopped at step {checkpoint_callback.diverged_at}: the loss is not finite "
-                f"(NaN or Inf). The last good checkpoint in {run_dir.checkpoints} was kept; lower the "
-                "learning rate or check the input data, then run the same command to resume.")
-        save_checkpoint(checkpoints, model)
-    else:
-        log.info("Model dir %s already holds a finished run (step %d); skipping training.",
-                 r.model_dir, start_step)
+            step = int(model.optimizer.iterations.numpy())
+    if checkpoint_callback.diverged_at is not None:
+        raise TrainingDivergedError(
+            f"Training stopped at step {checkpoint_callback.diverged_at}: the loss is not finite "
+            f"(NaN or Inf). The last good checkpoint in {run_dir.checkpoints} was kept; lower the "
+            "learning rate or check the input data, then run the same command to resume.")
+    save_checkpoint(checkpoints, model)
+    if chief:
+        run_dir.record_history(config, start_step, step)
+    if stop.signum is not None:
+        raise stop.interrupted(step)
     return history
 
 

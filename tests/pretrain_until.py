@@ -3,16 +3,18 @@
     python tests/pretrain_until.py --preset=tiny --model_dir=... [--block_at_step=3] [--probe=p.npz]
 
 Takes every `nnclr` flag and builds the config exactly as `nnclr pretrain` does. --block_at_step=N
-prints "BLOCKED N" on stdout once step N is done and waits there, so a test can SIGKILL the run
-mid-interval at a known step. --probe=PATH writes, when training starts, the step and support set
-the run resumed with (an .npz of plain arrays).
+prints "BLOCKED N" on stdout once step N is done and waits there for a signal, so a test can
+SIGKILL the run mid-interval at a known step, or SIGTERM it there (the run then stops at that step
+boundary, as `nnclr pretrain` does, and exits 143 with its one line). --probe=PATH writes, when
+training starts, the step and support set the run resumed with (an .npz of plain arrays).
 """
 
 import os
+import signal
 import sys
-import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as `nnclr` does, before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -38,17 +40,26 @@ class Hooks(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
         if step == self.block_at_step:
+            # Python writes a byte to the wakeup pipe for every signal, so a signal that arrives
+            # before the read still ends it; the run's own handler has run by the time read returns.
+            read_end, write_end = os.pipe()
+            os.set_blocking(write_end, False)
+            previous = signal.set_wakeup_fd(write_end)
             print(f"BLOCKED {step}", flush=True)
-            threading.Event().wait()  # until the test kills this process
+            os.read(read_end, 1)  # until a signal (SIGKILL: never returns)
+            signal.set_wakeup_fd(previous)
 
 
 def main(argv):
     del argv
     config = cli.config_from_flags("pretrain")
     from nnclr_tf import train  # after the flags, as the CLI does
-    train.pretrain(config, verbose=0, callbacks=[Hooks(FLAGS.block_at_step, FLAGS.probe)])
+    try:
+        train.pretrain(config, verbose=0, callbacks=[Hooks(FLAGS.block_at_step, FLAGS.probe)])
+    except KeyboardInterrupt as stop:  # as cli.main reports it
+        print(f"nnclr pretrain: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     app.run(main)

@@ -1,0 +1,141 @@
+"""The Keras callbacks that keep a pretraining run's logs continuous and its work safe.
+
+    with StopOnSignal() as stop:                       # SIGINT / SIGTERM: stop at a step boundary
+        with stop.training():
+            model.fit(..., callbacks=[stop, CSVLog(run_dir.csv_log), TensorBoard(run_dir.tensorboard)])
+        if stop.signum:                                # save a checkpoint, then
+            raise stop.interrupted(step)               # "interrupted at step N; the same command resumes"
+
+CSVLog and TensorBoard write at the optimizer step, so a run resumed from a checkpoint continues its
+training_log.csv and its TensorBoard curves instead of starting them again at 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import signal
+import threading
+
+import keras
+
+from nnclr_tf.runs import exists, read_text, write_text
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _step(model) -> int:
+    return int(model.optimizer.iterations.numpy())
+
+
+class CSVLog(keras.callbacks.Callback):
+    """training_log.csv, one row per epoch: "epoch", "step" (the optimizer step after it), the logs.
+
+    Written through tf.io.gfile (the whole file each epoch, so object stores need no append). A
+    resumed run continues the file: rows past the step it resumes from, work redone after a kill,
+    are dropped. A column that appears later (e.g. knn_top1) is added; earlier rows read "nan".
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.columns: list[str] = []
+        self.rows: list[dict] = []
+
+    def on_train_begin(self, logs=None):
+        start = _step(self.model)
+        self.columns, self.rows = ["epoch", "step"], []
+        if exists(self.path):
+            reader = csv.DictReader(io.StringIO(read_text(self.path)))
+            self.columns += [c for c in reader.fieldnames or () if c not in self.columns]
+            # Rows from before the step column have no step: kept.
+            self.rows = [row for row in reader if not row.get("step") or int(row["step"]) <= start]
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch, "step": _step(self.model)}
+        for key, value in (logs or {}).items():
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                row[key] = str(value)
+        self.columns += sorted(key for key in row if key not in self.columns)
+        self.rows.append(row)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, self.columns, restval="nan", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text(self.path, text.getvalue())
+
+
+class TensorBoard(keras.callbacks.TensorBoard):
+    """keras.callbacks.TensorBoard with batch and epoch summaries at the optimizer step.
+
+    Keras counts batches from 0 in every `fit` call and writes epoch summaries at the epoch index,
+    so a resumed run (or the second `fit` of one run) drew over its own curves.
+    """
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._global_train_batch = _step(self.model)  # on_train_batch_begin adds 1 per step
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(_step(self.model), logs)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run. `step`: the step of the checkpoint saved at the stop (None
+    when it stopped elsewhere). `exit_code`: the shell's 128 + signal, 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, signum: int, step: int | None = None):
+        self.signum, self.step, self.exit_code = signum, step, 128 + signum
+        super().__init__(f"interrupted at step {step}; the same command resumes" if step is not None
+                         else "interrupted; the same command resumes from the last checkpoint")
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """While entered: SIGINT (Ctrl-C) and SIGTERM (schedulers, preemptible VMs) inside `training()`
+    stop `fit` after the step that is running and set `signum`, for the caller to save a checkpoint
+    and raise `interrupted(step)`; anywhere else, or a second time, they raise TrainingInterrupted
+    at once. Handlers are installed only from the main thread (Python's rule) and with `install`.
+    """
+
+    def __init__(self, install: bool = True):
+        super().__init__()
+        self.install = install
+        self.signum = None
+        self._deferring = False
+        self._previous = {}
+
+    def __enter__(self):
+        if self.install and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in _SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    @contextlib.contextmanager
+    def training(self):
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
+
+    def interrupted(self, step: int) -> TrainingInterrupted:
+        return TrainingInterrupted(self.signum, step)
+
+    def _handle(self, signum, frame):
+        del frame
+        if not self._deferring or self.signum is not None:
+            raise TrainingInterrupted(signum)
+        self.signum = signum
+        if self.model is not None:
+            self.model.stop_training = True  # fit checks it after the step that is running
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.signum is not None:
+            self.model.stop_training = True  # each fit call starts with stop_training = False
