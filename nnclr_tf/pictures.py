@@ -70,7 +70,8 @@ def plot_training_curves(history, path, metrics=None):
     if isinstance(history, keras.callbacks.History):
         history = history.history
     history = {k: np.asarray(v, np.float64).reshape(-1) for k, v in dict(history).items()}
-    names = [k for k in history if k != "epoch" and not k.startswith("val_") and len(history[k])]
+    names = [k for k in history if k not in ("epoch", "step") and not k.startswith("val_")
+             and len(history[k])]
     names = [m for m in KNOWN_METRICS if m in names] + [m for m in names if m not in KNOWN_METRICS]
     if metrics is not None:
         missing = [m for m in metrics if m not in history]
