@@ -5,20 +5,36 @@
     nnclr knn --model_dir=runs/c10                   # evaluate a pretrained encoder
     nnclr linear_eval | finetune | transfer | export --model_dir=...
     nnclr pretrain --set model.top_k=5 --set optim.warmup_epochs=2   # any config field
+    nnclr --help;  nnclr pretrain --help             # the modes; a mode's flags and their defaults
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
 import os
+import re
 import sys
+import textwrap
 
 from absl import app, flags
 from absl import logging as absl_logging
 
 from nnclr_tf import config as cfg
 
-MODES = ("pretrain", "knn", "linear_eval", "finetune", "transfer", "export", "show_config")
+MODES = {
+    "pretrain": "pretrain an encoder with NNCLR; the same command again resumes from --model_dir",
+    "knn": "kNN top-1 accuracy of the encoder pretrained in --model_dir",
+    "linear_eval": "train a linear classifier on the frozen encoder; print its top-1 accuracy",
+    "finetune": "fine-tune the encoder on a fraction of the labels (--set eval.label_fraction=...)",
+    "transfer": "linear evaluation on other datasets (--set eval.transfer_datasets=...)",
+    "export": "write the encoder as a float32 SavedModel (default MODEL_DIR/saved_model)",
+    "show_config": "print the config that the preset, flags and --set give, as JSON",
+    "embed": "embed a folder (or a TFDS split) with an encoder into a collection folder; resumable",
+    "search": "the --k nearest images of a --collection to each --query image (table and picture)",
+    "duplicates": "near-duplicate groups of a --collection above a cosine --threshold (never deletes)",
+}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", None, f"Named preset, one of: {', '.join(cfg.PRESETS)}. Default: demo for "
@@ -43,8 +59,23 @@ flags.DEFINE_integer("seed", None, "Random seed.")
 flags.DEFINE_boolean("download", None, "Allow TFDS to download and prepare a dataset (needs network).")
 flags.DEFINE_multi_string("set", [], "Override any config field: --set section.field=value, e.g. "
                           "--set model.top_k=5 --set augment.preset=crops. See `nnclr show_config`.")
-flags.DEFINE_string("output", None, "export: where to write the SavedModel (default MODEL_DIR/saved_model).")
+flags.DEFINE_string("output", None, "export: where to write the SavedModel (default "
+                    "MODEL_DIR/saved_model, which is always regenerated).")
+flags.DEFINE_boolean("overwrite", False, "export: replace an existing --output.")
 flags.DEFINE_boolean("debug", False, "Show full tracebacks for errors.")
+# embed / search / duplicates (nnclr_tf/collection_modes.py)
+flags.DEFINE_string("encoder", None, "A model dir (its saved_model/) or an encoder SavedModel.")
+flags.DEFINE_multi_string("input", [], "embed: a folder of images (any sizes, nested) or image files.")
+flags.DEFINE_string("split", "test", "embed: the TFDS split of --dataset to embed.")
+flags.DEFINE_string("collection", None, "search, duplicates: a folder written by nnclr embed.")
+flags.DEFINE_multi_string("query", [], "search: a query image file or folder (repeat for more).")
+flags.DEFINE_integer("k", 5, "search: neighbours per query.")
+flags.DEFINE_string("index", "exact", "search: exact (chunked) or faiss (approximate, "
+                    "pip install nnclr_tf[search]).")
+flags.DEFINE_float("threshold", None, "duplicates: cosine similarity from which two images are "
+                   "near-duplicates (default measured on planted copies, see nnclr_tf/duplicates.py).")
+flags.DEFINE_string("space", "features", "search, duplicates: compare the encoder's features or the "
+                    "projection head's embeddings.")
 
 _FLAG_FIELDS = {
     "dataset": "data.dataset", "data_dir": "data.data_dir", "model_dir": "run.model_dir",
@@ -58,6 +89,11 @@ _FLAG_FIELDS = {
 
 def config_from_flags(mode: str) -> cfg.Config:
     """Turns the parsed flags into a validated Config (raises ConfigError with one sentence)."""
+    if mode != "export":
+        for name in ("output", "overwrite"):
+            if FLAGS[name].present:
+                raise cfg.ConfigError(f"--{name} is used by `nnclr export` only; drop it from "
+                                      f"`nnclr {mode}`.")
     if FLAGS.preset is None and mode != "pretrain" and FLAGS.model_dir:
         from nnclr_tf.runs import RunDir
         base = RunDir(FLAGS.model_dir).read_claim()[0]
@@ -79,7 +115,96 @@ def config_from_flags(mode: str) -> cfg.Config:
     return cfg.override(base, overrides)
 
 
+# The flags each mode reads, in the order `nnclr MODE --help` lists them.
+_EVAL_FLAGS = ("model_dir", "data_dir", "dataset", "download", "set", "preset", "debug")
+_MODE_FLAGS = {
+    "pretrain": ("preset", "dataset", "data_dir", "model_dir", "batch_size", "epochs", "train_steps",
+                 "backbone", "image_size", "queue_size", "temperature", "mixed_precision", "strategy",
+                 "cpu_replicas", "jit_compile", "seed", "download", "set", "debug"),
+    "knn": _EVAL_FLAGS, "linear_eval": _EVAL_FLAGS, "finetune": _EVAL_FLAGS, "transfer": _EVAL_FLAGS,
+    "export": ("model_dir", "output", "overwrite", "debug"),
+}
+_MODE_FLAGS["show_config"] = _MODE_FLAGS["pretrain"]
+_MODE_FLAGS.update(
+    embed=("encoder", "input", "dataset", "split", "data_dir", "output", "batch_size", "overwrite",
+           "debug"),
+    search=("collection", "query", "k", "index", "space", "encoder", "output", "debug"),
+    duplicates=("collection", "threshold", "space", "output", "debug"))
+_MAIN_FLAGS = ("preset", "dataset", "data_dir", "model_dir", "batch_size", "train_steps", "backbone",
+               "set", "output", "overwrite")
+
+
+def _default(name: str, mode: str | None) -> str:
+    """The value flag `name` takes when it is not given, in words."""
+    from_run = mode not in (None, "pretrain", "show_config") and FLAGS.preset is None
+    if from_run and (name == "preset" or name in _FLAG_FIELDS and name != "model_dir"):
+        return "the run's, saved in MODEL_DIR/config.json"
+    if name == "preset":
+        return FLAGS.preset or "demo"
+    if name == "output":
+        return "MODEL_DIR/saved_model"
+    if name == "set":
+        return "none"
+    key = _FLAG_FIELDS.get(name)
+    if key is None:
+        return str(FLAGS[name].default).lower()
+    section, field = key.split(".")
+    value = getattr(getattr(cfg.get_preset(FLAGS.preset or "demo"), section), field)
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _flag_lines(names, mode: str | None) -> list[str]:
+    lines = []
+    for name in names:
+        # absl appends "; repeat this option ..." to a multi flag's help: the name says it.
+        text = re.sub(r";\s*repeat this option.*", "", FLAGS[name].help, flags=re.S)
+        lines.append(f"  --{name}  (default: {_default(name, mode)})")
+        lines += textwrap.wrap(text, width=96, initial_indent="      ", subsequent_indent="      ")
+    return lines
+
+
+def help_text(mode: str | None) -> str:
+    """`nnclr --help` (mode None: every mode and the main flags) or `nnclr MODE --help`."""
+    preset = FLAGS.preset or "demo"
+    if mode is None:
+        width = max(map(len, MODES))
+        lines = ["nnclr: NNCLR self-supervised learning (pretrain, evaluate, export).", "",
+                 "Usage: nnclr MODE [--flag=value ...]", "", "Modes:"]
+        lines += [f"  {name.ljust(width)}  {summary}" for name, summary in MODES.items()]
+        lines += ["", *textwrap.wrap(
+            f"Main flags (defaults from preset {preset!r}; the evaluation modes and export read "
+            "the run's config from --model_dir):", width=100)]
+        lines += _flag_lines(_MAIN_FLAGS, None)
+        lines += ["", "nnclr MODE --help: the flags of one mode and their defaults.",
+                  "nnclr show_config: every config field that --set section.field=value can change.",
+                  "nnclr --helpfull: every flag, absl's included."]
+        return "\n".join(lines)
+    lines = [f"nnclr {mode}: {MODES[mode]}.", "", f"Usage: nnclr {mode} [--flag=value ...]", "",
+             "Flags:"]
+    lines += _flag_lines(_MODE_FLAGS[mode], mode)
+    lines.append("")
+    if "set" in _MODE_FLAGS[mode]:
+        lines.append("Any other config field: --set section.field=value (see nnclr show_config).")
+    lines.append("All modes: nnclr --help.")
+    return "\n".join(lines)
+
+
+def show_help(argv, full: bool = False) -> None:
+    """Prints the help of the mode in `argv` (or of all modes), absl's full flag list with `full`."""
+    print(help_text(_check_mode(argv)))
+    if full:
+        print("\nAll flags, absl's included:\n" + FLAGS.get_help())
+
+
 def _run_mode(mode: str) -> None:
+    if mode in ("embed", "search", "duplicates"):  # no config: they use an exported encoder
+        from nnclr_tf import collection_modes
+        values = {name: FLAGS[name].value for name in _MODE_FLAGS[mode] if name != "debug"}
+        for flag, name in (("input", "inputs"), ("query", "queries")):
+            if flag in values:
+                values[name] = values.pop(flag)
+        getattr(collection_modes, mode)(**values)
+        return
     config = config_from_flags(mode)
     if mode == "show_config":
         print(config.to_json())
@@ -88,30 +213,62 @@ def _run_mode(mode: str) -> None:
 
     from nnclr_tf import modes  # TensorFlow loads only once the arguments are known to be good
     tfds.disable_progress_bar()
-    getattr(modes, mode)(config, output=FLAGS.output)
+    if mode == "export":
+        modes.export(config, output=FLAGS.output, overwrite=FLAGS.overwrite)
+    else:
+        getattr(modes, mode)(config)
+
+
+def _check_mode(argv) -> str | None:
+    """The mode named in `argv` (None for none); exits 2 with one sentence for anything else."""
+    if len(argv) > 2 or (len(argv) == 2 and argv[1] not in MODES):
+        close = difflib.get_close_matches(argv[1], list(MODES), n=1)
+        hint = f" Did you mean {close[0]}?" if close and len(argv) == 2 else ""
+        print(f"nnclr: error: Expected one mode, one of: {', '.join(MODES)}; got "
+              f"{' '.join(argv[1:])}.{hint} Flags go as --name=value; see nnclr --help.",
+              file=sys.stderr)
+        sys.exit(2)
+    return argv[1] if len(argv) == 2 else None
 
 
 def main(argv) -> None:
-    if len(argv) != 2 or argv[1] not in MODES:
-        given = " ".join(argv[1:]) or "nothing"
-        raise app.UsageError(f"Expected one mode, one of: {', '.join(MODES)}; got {given}. "
-                             "Flags go as --name=value; see --helpfull.")
+    mode = _check_mode(argv)
+    if mode is None:
+        print(f"nnclr: error: Expected one mode, one of: {', '.join(MODES)}; got nothing. "
+              "See nnclr --help.", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("nnclr_tf").setLevel(logging.INFO)
     absl_logging.set_verbosity(absl_logging.WARNING)  # TFDS's per-file chatter
     try:
-        _run_mode(argv[1])
+        _run_mode(mode)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         if FLAGS.debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"nnclr {argv[1]}: error: {message}", file=sys.stderr)
+        print(f"nnclr {mode}: error: {message}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM during pretrain: one line, 128 + signal
+        if FLAGS.debug:
+            raise
+        print(f"nnclr {mode}: {stop or 'interrupted'}", file=sys.stderr)
+        sys.exit(getattr(stop, "exit_code", 130))
+
+
+# absl's own --help shows the flags of the console script's wrapper (none) and exits 1.
+_HELP = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "help")
+_HELP_FULL = ("--helpfull", "-helpfull")
 
 
 def run() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    words = sys.argv[1:]
+    asked = [word for word in words if word in _HELP + _HELP_FULL]
+    if asked:
+        rest = [word for word in words if word not in asked]
+        app.run(functools.partial(show_help, full=any(w in _HELP_FULL for w in asked)),
+                argv=[sys.argv[0], *rest])
     app.run(main)
 
 

@@ -287,6 +287,24 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def min_image_size(cifar_stem: bool) -> int:
+    """Smallest image side every backbone accepts: its total stride, 8 with the CIFAR stem and 32
+    with the ImageNet one (backbones.min_image_size, which a test keeps equal to this). Checked
+    here so that a wrong size fails before TensorFlow loads."""
+    return 8 if cifar_stem else 32
+
+
+def _check_image_size(m: ModelConfig, d: DataConfig) -> None:
+    smallest = min_image_size(m.cifar_stem)
+    if d.image_size < smallest:
+        stem = ("CIFAR stem (model.cifar_stem=true)" if m.cifar_stem
+                else "ImageNet stem (model.cifar_stem=false)")
+        way_out = "" if m.cifar_stem else " or --set model.cifar_stem=true"
+        raise ConfigError(f"data.image_size={d.image_size} is too small for {m.backbone} with the "
+                          f"{stem}, which needs at least {smallest} pixels; add --image_size="
+                          f"{smallest}{way_out}.")
+
+
 def validate(config: Config) -> Config:
     """Raises ConfigError with one sentence for the first invalid value; returns the config."""
     m, a, d, o, e, r = config.model, config.augment, config.data, config.optim, config.eval, config.run
@@ -306,6 +324,7 @@ def validate(config: Config) -> Config:
            f"optim.lr_scaling must be 'linear' or 'sqrt', got {o.lr_scaling!r}.")
     _check(m.width_multiplier > 0,
            f"model.width_multiplier must be > 0, got {m.width_multiplier}.")
+    _check_image_size(m, d)
     _check(m.temperature > 0, f"model.temperature must be > 0, got {m.temperature}.")
     _check(m.projection_dim > 0, f"model.projection_dim must be > 0, got {m.projection_dim}.")
     _check(all(h > 0 for h in m.projection_hidden_dims + m.prediction_hidden_dims),

@@ -209,7 +209,7 @@ def export_encoder(encoder, path, image_size, channels, projection_head=None, ov
 
     The export is written beside `path` and renamed into place, so a crash never
     leaves a half-written export at `path`. `path`/export.json records how it was
-    made: precision, the trained policy, image size, channels, output sizes, `info`.
+    made: precision (the encoder's policy), image size, channels, output sizes, `info`.
 
     Args:
       encoder: keras.Model, images `[batch, S, S, channels]` in [0, 1] -> `[batch, D]`.
@@ -241,13 +241,12 @@ def export_encoder(encoder, path, image_size, channels, projection_head=None, ov
         embeddings_dim = projection_head(tf.cast(probe, tf.float32), training=False).shape[-1]
     else:
         embeddings_dim = probe.shape[-1]
-    trained_precision = encoder.dtype_policy.name
     if precision == "float32":
         encoder = float32_copy(encoder)
         projection_head = None if projection_head is None else float32_copy(projection_head)
     export_info = {
         **(info or {}),
-        "precision": encoder.dtype_policy.name, "trained_precision": trained_precision,
+        "precision": encoder.dtype_policy.name,
         "image_size": int(image_size), "channels": int(channels),
         "features_dim": int(probe.shape[-1]), "embeddings_dim": int(embeddings_dim),
         "projection_head": projection_head is not None,

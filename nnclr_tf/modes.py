@@ -9,7 +9,7 @@ import os
 import tensorflow as tf
 
 from nnclr_tf import evaluate
-from nnclr_tf.config import Config
+from nnclr_tf.config import Config, ConfigError
 from nnclr_tf.data import dataset_info, evaluation_dataset
 from nnclr_tf.data.subsets import subset_size
 from nnclr_tf.runs import RunDir, write_json
@@ -94,15 +94,17 @@ def transfer(config: Config, output=None) -> dict:
     return _finish(config, rows, "transfer")
 
 
-def export(config: Config, output=None) -> dict:
-    model, _ = _pretrained(config)
-    from nnclr_tf.export import export_encoder
+def export(config: Config, output=None, overwrite=False) -> dict:
+    """Writes the run's export (the same as at the end of pretraining) to `output`, default
+    MODEL_DIR/saved_model, which it replaces: that one is always regenerated from the checkpoint."""
     run_dir = RunDir(config.run.model_dir)
-    _, input_shape, _ = run_dir.read_claim()
     path = output or run_dir.saved_model
-    export_encoder(model.encoder, path, image_size=input_shape[0], channels=input_shape[-1],
-                   projection_head=model.projection_head, overwrite=output is None)
-    print(f"SavedModel written to {os.path.abspath(path)}", flush=True)
-    result = {"saved_model": path}
-    write_json(run_dir.file("export.json"), result)
-    return result
+    if output and not overwrite and tf.io.gfile.exists(path) and (
+            not tf.io.gfile.isdir(path) or tf.io.gfile.listdir(path)):
+        raise ConfigError(f"--output {output!r} already exists and is not empty; pass --overwrite "
+                          "to replace it, or choose another --output.")
+    model, _ = _pretrained(config)
+    _, input_shape, _ = run_dir.read_claim()
+    run_dir.export(model, input_shape, path=path, overwrite=True)
+    print(f"SavedModel (float32 serving; see export.json inside) written to {path}", flush=True)
+    return {"saved_model": path, "precision": "float32"}

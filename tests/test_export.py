@@ -207,7 +207,7 @@ class ExportPrecisionTest(parameterized.TestCase):
         with open(os.path.join(self.path, "export.json")) as handle:
             info = json.load(handle)
         self.assertEqual(info, wrapped.info)
-        self.assertEqual((info["precision"], info["trained_precision"]), ("float32", "mixed_bfloat16"))
+        self.assertEqual(info["precision"], "float32")
         self.assertEqual((info["image_size"], info["channels"], info["embeddings_dim"]), (16, 3, 5))
         self.assertEqual(info["model_dir"], "runs/x")
         # The model being exported is left as it was trained.
