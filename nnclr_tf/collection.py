@@ -1,0 +1,400 @@
+"""Embedding a collection of images with an exported encoder, in shards on disk, resumable.
+
+    collection = embed("runs/demo", "~/photos", output="photos.emb")  # model dir or SavedModel
+    collection = embed(encoder, [image_a, image_b])          # arrays of any sizes, in memory
+    collection.ids, collection.labels                        # [N] str, [N] int32 (-1: unknown)
+    collection.features, collection.embeddings               # [N, D] float32, [N, E] L2-normalised
+
+A source is a folder (any sizes, nested; unreadable files are skipped and listed in
+`collection.skipped`), a list of image files, a list or array of uint8 images of mixed sizes, a
+`tf.data.Dataset` of images or (image, label), or a TFDS name with `split`. With `output`, the
+collection is written as a folder `shard-00000.npz, ...` (ids, labels, features, embeddings) plus
+`manifest.json`; each shard is written whole, then recorded, so an interrupted run keeps every
+finished shard and the same call again embeds only the images not yet embedded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import time
+import uuid
+
+import numpy as np
+import tensorflow as tf
+
+from nnclr_tf import export as export_lib
+from nnclr_tf import runs
+from nnclr_tf.data import folders
+
+log = logging.getLogger("nnclr_tf")
+MANIFEST = "manifest.json"
+FORMAT = "nnclr_tf.collection/1"
+DEFAULT_SHARD_SIZE = 4096
+
+
+@dataclasses.dataclass
+class Collection:
+    """An embedded collection. Rows are images; `ids` are file paths (relative to `root` for a
+    folder), "split/index" for TFDS, or positions for arrays.
+
+    ids: [N] str; labels: [N] int32 (-1 when unknown); features: [N, D] float32;
+    embeddings: [N, E] float32, L2-normalised; skipped: [(id, reason)];
+    info: the manifest (encoder, source, class names, sizes).
+    """
+    ids: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray
+    embeddings: np.ndarray
+    skipped: list
+    info: dict
+
+    def __len__(self):
+        return len(self.ids)
+
+    @property
+    def class_names(self):
+        return tuple(self.info.get("class_names") or ())
+
+    def vectors(self, space="features"):
+        """[N, dim] L2-normalised rows of `space` ("features" or "embeddings")."""
+        if space not in ("features", "embeddings"):
+            raise ValueError(f"space={space!r} must be 'features' or 'embeddings'; pass "
+                             "--space=features or --space=embeddings.")
+        return normalise(getattr(self, space))
+
+    def path(self, i):
+        """The file of row `i` (None for rows that are not files)."""
+        root = self.info.get("root")
+        return None if root is None else os.path.join(root, str(self.ids[i]))
+
+
+def normalise(x):
+    """[N, D] -> rows scaled to unit L2 norm (zero rows stay zero), float32."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def resolve_encoder(encoder):
+    """An ExportedEncoder from itself, a SavedModel folder, or a model dir holding saved_model/."""
+    if isinstance(encoder, export_lib.ExportedEncoder):
+        return encoder, getattr(encoder, "path", "in-memory encoder")
+    path = os.path.expanduser(os.fspath(encoder))
+    if "://" not in path:
+        path = os.path.abspath(path)  # recorded in the manifest: search finds it from anywhere
+    for candidate in (path, os.path.join(path, "saved_model")):
+        if runs.exists(os.path.join(candidate, "saved_model.pb")):
+            return export_lib.load_encoder(candidate), candidate
+    raise ValueError(f"--encoder {os.fspath(encoder)!r} is neither an encoder SavedModel nor a model "
+                     "dir holding saved_model/; pass a folder written by `nnclr export` or "
+                     "`nnclr pretrain` (run `nnclr export --model_dir=...` first if it has none).")
+
+
+@dataclasses.dataclass
+class _Items:
+    """What to embed: `ids` [N] str in order, `labels` [N] int32, and `dataset(keep)`, a
+    tf.data.Dataset of (id, uint8 image [H, W, C], label) for the positions `keep`."""
+    ids: list
+    labels: np.ndarray
+    dataset: object
+    info: dict
+    skipped: list
+
+
+def _folder_items(root, paths=None):
+    root = os.path.expanduser(root)
+    if paths is None:
+        scan = folders.scan_folder(root, split="all")
+        paths, labels, skipped = list(scan.paths), scan.labels, list(scan.skipped)
+        class_names = list(scan.class_names)
+    else:  # a list of files: checked the same way, unlabelled
+        skipped, kept = [], []
+        for p in paths:
+            try:
+                reason = folders._check_file(p)
+            except OSError as error:
+                reason = f"unreadable ({error.strerror or error})"
+            (kept.append(p) if reason is None else skipped.append((p, reason)))
+        paths, labels, class_names = kept, np.full([len(kept)], -1, np.int32), []
+    ids = [os.path.relpath(p, root) if root else p for p in paths]
+    skipped = [(os.path.relpath(p, root) if root else p, r) for p, r in skipped]
+    files = np.asarray(paths, dtype=object).astype(str) if paths else np.zeros([0], str)
+
+    def dataset(keep):
+        ds = tf.data.Dataset.from_tensor_slices(
+            (np.asarray(ids, dtype=object)[keep].astype(str), files[keep], labels[keep]))
+        return ds.map(lambda i, p, y: (i, folders.decode_image(tf.io.read_file(p)), y),
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    info = {"source": f"folder:{root}" if root else "files", "root": root or None,
+            "class_names": class_names}
+    return _Items(ids, np.asarray(labels, np.int32), dataset, info, skipped)
+
+
+def _array_items(images, labels=None):
+    images = list(images)
+    labels = np.full([len(images)], -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+    ids = [str(i) for i in range(len(images))]
+    for i, image in enumerate(images):
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
+            raise ValueError(f"Image {i} has dtype {image.dtype} and shape {image.shape}; expected "
+                             "uint8 [height, width, 1 or 3] (any height and width).")
+
+    def dataset(keep):
+        def generate():
+            for position in keep:
+                yield ids[position], np.asarray(images[position]), labels[position]
+        return tf.data.Dataset.from_generator(generate, output_signature=(
+            tf.TensorSpec([], tf.string), tf.TensorSpec([None, None, None], tf.uint8),
+            tf.TensorSpec([], tf.int32)))
+
+    return _Items(ids, labels, dataset, {"source": "arrays", "class_names": []}, [])
+
+
+def _tfds_items(name, split, data_dir):
+    from nnclr_tf.data import sources
+    source = sources.resolve(name, split, data_dir=data_dir)
+    count = source.info.num_examples
+    ids = [f"{split}/{i}" for i in range(count)]
+    labels = source.labels()
+
+    def dataset(keep):
+        ds = source.read(indices=keep) if len(keep) < count else source.read()
+        names = tf.data.Dataset.from_tensor_slices(np.asarray(ids, dtype=object)[keep].astype(str))
+        return tf.data.Dataset.zip(names, ds).map(lambda i, pair: (i, pair[0], pair[1]))
+
+    info = {"source": f"tfds:{name}/{split}", "data_dir": data_dir,
+            "class_names": list(source.info.class_names)}
+    return _Items(ids, labels, dataset, info, [])
+
+
+def _dataset_items(ds):
+    """A tf.data.Dataset of images or (image, label) or {"image", "label"}: read once, in order."""
+    images, labels = [], []
+    for element in ds.as_numpy_iterator():
+        if isinstance(element, dict):
+            element = (element["image"], element.get("label", -1))
+        image, label = element if isinstance(element, tuple) else (element, -1)
+        images.append(image)
+        labels.append(int(label))
+    return _array_items(images, labels)
+
+
+def _items(source, split, data_dir):
+    if isinstance(source, tf.data.Dataset):
+        return _dataset_items(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(source))
+        if os.path.isdir(path):
+            return _folder_items(path)
+        if os.path.sep in path or os.path.exists(path):
+            raise ValueError(f"Image folder {os.fspath(source)!r} does not exist; pass an existing "
+                             "folder (or a TFDS name with --split).")
+        return _tfds_items(path, split, data_dir)
+    source = list(source)
+    if source and all(isinstance(s, (str, os.PathLike)) for s in source):
+        return _folder_items("", [os.fspath(s) for s in source])
+    return _array_items(source)
+
+
+def _read_shard(path):
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        with np.load(io.BytesIO(handle.read()), allow_pickle=False) as shard:
+            return {key: shard[key] for key in shard.files}
+
+
+def _write_shard(path, ids, labels, features, embeddings):
+    buffer = io.BytesIO()
+    np.savez(buffer, ids=np.asarray(ids, dtype=str), labels=np.asarray(labels, np.int32),
+             features=np.asarray(features, np.float32), embeddings=np.asarray(embeddings, np.float32))
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with tf.io.gfile.GFile(tmp, "wb") as handle:
+        handle.write(buffer.getvalue())
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def iter_shards(output):
+    """Yields each shard of an embedded collection folder as a dict of arrays (ids, labels,
+    features [n, D], embeddings [n, E]): bounded memory for collections larger than it."""
+    manifest = read_manifest(output)
+    for shard in manifest["shards"]:
+        yield _read_shard(os.path.join(output, shard["file"]))
+
+
+def read_manifest(output):
+    path = os.path.join(os.fspath(output), MANIFEST)
+    if not runs.exists(path):
+        raise ValueError(f"{os.fspath(output)!r} is not an embedded collection (no {MANIFEST}); "
+                         "write one with `nnclr embed --encoder=... --input=... --output=...`.")
+    return runs.read_json(path)
+
+
+def load_collection(output):
+    """The whole collection written at `output`, in memory."""
+    manifest = read_manifest(output)
+    shards = list(iter_shards(output))
+    if not shards:
+        empty = np.zeros([0, manifest.get("features_dim", 0)], np.float32)
+        shards = [{"ids": np.zeros([0], str), "labels": np.zeros([0], np.int32),
+                   "features": empty, "embeddings": np.zeros([0, manifest.get("embeddings_dim", 0)],
+                                                             np.float32)}]
+    parts = {key: np.concatenate([s[key] for s in shards]) for key in shards[0]}
+    return Collection(parts["ids"], parts["labels"], parts["features"], parts["embeddings"],
+                      [tuple(s) for s in manifest.get("skipped", [])], manifest)
+
+
+class _Progress:
+    """One line per update: done / total, images per second and the time left."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled, self.done, self.start = total, enabled, 0, time.monotonic()
+        self.last = 0.0
+
+    def update(self, count, final=False):
+        self.done += count
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 2.0 and not final):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        print(f"embedded {self.done}/{self.total} images, {rate:.0f} img/s, "
+              f"ETA {left:.0f} s", flush=True)
+
+
+def embed(encoder, source, output=None, split="test", data_dir=None, batch_size=64,
+          shard_size=DEFAULT_SHARD_SIZE, overwrite=False, progress=None):
+    """Embeds every image of `source` with `encoder`; see the module docstring.
+
+    Args:
+      encoder: an ExportedEncoder, an encoder SavedModel folder or a model dir with saved_model/.
+      source: folder, list of files, list / array of uint8 [H, W, C] images, tf.data.Dataset of
+        images or (image, label), or a TFDS name (with `split`, `data_dir`).
+      output: folder to write shards and manifest.json to (None: in memory only). A folder already
+        holding a collection of the same encoder and source is resumed.
+      batch_size: images per encoder call; shard_size: images per shard file.
+      overwrite: start `output` afresh instead of resuming it.
+      progress: print a progress line (default: when writing to `output`).
+
+    Returns:
+      The Collection (with `output`, everything the folder holds, earlier runs included).
+    """
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"--batch_size={batch_size} and shard size {shard_size} must be >= 1.")
+    model, model_path = resolve_encoder(encoder)
+    items = _items(source, split, data_dir)
+    manifest = {"format": FORMAT, "encoder": str(model_path), "image_size": model.image_size,
+                "channels": model.channels, "probe": _probe(model), **items.info, "shards": [], "skipped": []}
+    done_ids = set()
+    if output is not None:
+        output = os.fspath(output)
+        manifest, done_ids = _resume(output, manifest, overwrite)
+    keep = np.asarray([i for i, name in enumerate(items.ids) if name not in done_ids], np.int64)
+    if done_ids:
+        log.info("%s already holds %d embedded images; embedding the other %d.", output,
+                 len(done_ids), len(keep))
+    image_size, channels = model.image_size, model.channels
+    ds = items.dataset(keep).map(
+        lambda i, image, y: (i, export_lib.preprocess_for_eval(image, image_size, channels), y),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors().batch(batch_size).prefetch(2)
+
+    bar = _Progress(len(keep), output is not None if progress is None else progress)
+    buffer = {"ids": [], "labels": [], "features": [], "embeddings": []}
+    in_memory = []
+    received = set()
+
+    def flush():
+        if not buffer["ids"]:
+            return
+        part = {key: np.concatenate(value) for key, value in buffer.items()}
+        for value in buffer.values():
+            value.clear()
+        if output is None:
+            in_memory.append(part)
+            return
+        name = f"shard-{len(manifest['shards']):05d}-{uuid.uuid4().hex[:6]}.npz"
+        _write_shard(os.path.join(output, name), **part)
+        manifest["shards"].append({"file": name, "count": int(len(part["ids"]))})
+        manifest["count"] = int(sum(s["count"] for s in manifest["shards"]))
+        runs.write_json(os.path.join(output, MANIFEST), manifest)
+
+    for ids, images, labels in ds:
+        out = model.embed_float(images)
+        ids = ids.numpy().astype(str)
+        received.update(ids)
+        buffer["ids"].append(ids)
+        buffer["labels"].append(labels.numpy())
+        buffer["features"].append(out["features"].numpy())
+        buffer["embeddings"].append(out["embeddings"].numpy())
+        manifest.setdefault("features_dim", int(out["features"].shape[-1]))
+        manifest.setdefault("embeddings_dim", int(out["embeddings"].shape[-1]))
+        bar.update(len(ids))
+        if sum(len(b) for b in buffer["ids"]) >= shard_size:
+            flush()
+    flush()
+    bar.update(0, final=True)
+    undecodable = [(items.ids[i], "could not be decoded (corrupt image data)") for i in keep
+                   if items.ids[i] not in received]
+    skipped = items.skipped + undecodable
+    if skipped:
+        shown = "; ".join(f"{name}: {reason}" for name, reason in skipped[:5])
+        log.warning("Skipped %d files that are not readable images: %s%s", len(skipped), shown,
+                    " ..." if len(skipped) > 5 else "")
+    manifest["skipped"] = [list(s) for s in skipped]
+    if output is None:
+        parts = in_memory or [{"ids": np.zeros([0], str), "labels": np.zeros([0], np.int32),
+                               "features": np.zeros([0, 0], np.float32),
+                               "embeddings": np.zeros([0, 0], np.float32)}]
+        joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        manifest["count"] = int(len(joined["ids"]))
+        return Collection(joined["ids"], joined["labels"], joined["features"],
+                          joined["embeddings"], skipped, manifest)
+    manifest["count"] = int(sum(s["count"] for s in manifest["shards"]))
+    runs.write_json(os.path.join(output, MANIFEST), manifest)
+    return load_collection(output)
+
+
+def _probe(model):
+    """The features of a fixed ramp image, [D] list: tells encoders apart whatever their path."""
+    side, channels = model.image_size, model.channels
+    ramp = (np.arange(side * side * channels) % 251).astype(np.float32) / 255.0
+    features = model.embed_float(ramp.reshape(1, side, side, channels))
+    return [round(float(v), 5) for v in np.asarray(features["features"][0])]
+
+
+def _resume(output, manifest, overwrite):
+    """(manifest to continue, ids already embedded) for the collection folder `output`."""
+    path = os.path.join(output, MANIFEST)
+    if runs.exists(path) and not overwrite:
+        old = runs.read_json(path)
+        for key in ("source", "image_size", "channels"):
+            if old.get(key) != manifest.get(key):
+                raise ValueError(
+                    f"--output {output!r} holds a collection embedded with {key} "
+                    f"{old.get(key)!r}, not {manifest.get(key)!r}; pass --overwrite to replace it "
+                    "or choose another --output.")
+        if len(old.get("probe", [])) != len(manifest["probe"]) or not np.allclose(
+                old["probe"], manifest["probe"], atol=1e-4):
+            raise ValueError(
+                f"--output {output!r} holds a collection embedded with another encoder "
+                f"({old.get('encoder')}); pass --overwrite to replace it or choose another --output.")
+        if manifest["encoder"] != "in-memory encoder":
+            old["encoder"] = manifest["encoder"]
+        done = set()
+        for shard in old["shards"]:
+            done.update(_read_shard(os.path.join(output, shard["file"]))["ids"].tolist())
+        return old, done
+    if runs.exists(output) and tf.io.gfile.listdir(output) and not runs.exists(path):
+        raise ValueError(f"--output {output!r} exists and is not an embedded collection; choose "
+                         "a new --output (nothing there is removed).")
+    if overwrite and runs.exists(output):
+        for name in tf.io.gfile.listdir(output):
+            if name == MANIFEST or name.startswith("shard-"):
+                tf.io.gfile.remove(os.path.join(output, name))
+    runs.makedirs(output)
+    return manifest, set()

@@ -1,0 +1,116 @@
+"""The `nnclr` modes that use a trained encoder: embed, search, duplicates. The CLI passes values,
+never flags:
+
+    nnclr embed --encoder=runs/demo --input=photos --output=photos.emb
+    nnclr search --collection=photos.emb --query=query.jpg --k=5 --output=search.png
+    nnclr duplicates --collection=photos.emb --output=photos_duplicates
+"""
+
+from __future__ import annotations
+
+import os
+
+MODES = {
+    "embed": "embed a folder (or a TFDS split) with an encoder into a collection folder; resumable",
+    "search": "the --k nearest images of a collection to each --query image (table and picture)",
+    "duplicates": "near-duplicate groups of a collection above a cosine --threshold (never deletes)",
+}
+
+
+class UsageError(ValueError):
+    """A flag is missing or wrong; the message names it."""
+
+
+def embed(encoder=None, model_dir=None, inputs=(), dataset=None, split="test", data_dir=None,
+          output=None, batch_size=None, overwrite=False):
+    encoder = encoder or model_dir
+    if not encoder:
+        raise UsageError("Pass --encoder=<model dir or SavedModel folder>, e.g. --encoder=runs/demo.")
+    if bool(inputs) == bool(dataset):
+        raise UsageError("Pass either --input=<folder or image files> or --dataset=<TFDS name> "
+                         "(with --split), not both or neither.")
+    if not output:
+        raise UsageError("Pass --output=<folder for the collection>, e.g. --output=photos.emb.")
+    if inputs:
+        source = inputs[0] if len(inputs) == 1 and os.path.isdir(os.path.expanduser(inputs[0])) \
+            else [os.path.expanduser(p) for p in _files(inputs)]
+    else:
+        source = dataset
+    from nnclr_tf import collection as collection_lib  # TensorFlow: after the flags are checked
+    result = collection_lib.embed(encoder, source, output=output, split=split, data_dir=data_dir,
+                                  batch_size=batch_size or 64, overwrite=overwrite, progress=True)
+    print(f"{len(result)} images embedded in {output} (features {result.features.shape[1]}-d, "
+          f"embeddings {result.embeddings.shape[1]}-d); {len(result.skipped)} files skipped.",
+          flush=True)
+    return result
+
+
+def _files(inputs):
+    """Image files named by `inputs` (files, or every image under a folder)."""
+    from nnclr_tf.data import folders  # pylint: disable=import-outside-toplevel
+    paths = []
+    for item in inputs:
+        item = os.path.expanduser(item)
+        if os.path.isdir(item):
+            paths += [p for p in folders._list_files(item)
+                      if os.path.splitext(p)[1].lower() in folders.IMAGE_EXTENSIONS]
+        elif os.path.exists(item):
+            paths.append(item)
+        else:
+            raise UsageError(f"--query/--input {item!r} does not exist; pass image files or folders.")
+    return paths
+
+
+def _queries(queries):
+    if not queries:
+        raise UsageError("Pass --query=<image file or folder> (repeat it for more).")
+    files = _files(queries)
+    if not files:
+        raise UsageError(f"--query {', '.join(queries)} holds no image files.")
+    return files
+
+
+def search(collection=None, queries=(), k=5, index="exact", space="features", encoder=None,
+           output=None):
+    from nnclr_tf import search as search_lib  # pylint: disable=import-outside-toplevel
+    if not collection:
+        raise UsageError("Pass --collection=<folder written by nnclr embed>.")
+    if index not in search_lib.INDEXES:
+        raise UsageError(f"--index={index!r} must be one of {', '.join(search_lib.INDEXES)}.")
+    if index == "faiss":
+        try:
+            search_lib.faiss_module()
+        except ImportError as error:
+            raise UsageError(str(error)) from error
+    files = _queries(queries)
+    from nnclr_tf import collection as collection_lib  # pylint: disable=import-outside-toplevel
+    loaded = collection_lib.load_collection(collection)
+    result = search_lib.search(loaded, files, k=k, space=space, index=index, encoder=encoder)
+    print(search_lib.result_table(result, loaded), flush=True)
+    picture = output or "search.png"
+    try:
+        search_lib.plot_search(result, loaded, picture)
+        print(f"Picture of the queries and their neighbours written to {picture}", flush=True)
+    except ValueError as error:
+        print(f"No picture: {error}", flush=True)
+    return result
+
+
+def duplicates(collection=None, threshold=None, space="features", output=None):
+    from nnclr_tf import duplicates as dup  # pylint: disable=import-outside-toplevel
+    if not collection:
+        raise UsageError("Pass --collection=<folder written by nnclr embed>.")
+    from nnclr_tf import collection as collection_lib  # pylint: disable=import-outside-toplevel
+    threshold = dup.DEFAULT_THRESHOLD if threshold is None else threshold
+    loaded = collection_lib.load_collection(collection)
+    pairs = dup.duplicate_pairs(loaded.vectors(space), threshold)
+    groups = dup.group_pairs(pairs, len(loaded))
+    output = output or f"{collection.rstrip('/')}_duplicates"
+    files = dup.write_report(loaded, pairs, groups, output, threshold)
+    removable = sum(len(g) - 1 for g in groups)
+    print(f"{len(pairs)} pairs in {len(groups)} groups at cosine >= {threshold} among "
+          f"{len(loaded)} images; {removable} files one could remove (nothing was deleted).",
+          flush=True)
+    for name, path in files.items():
+        print(f"  {name}: {path}", flush=True)
+    return pairs, groups
