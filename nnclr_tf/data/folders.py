@@ -129,8 +129,8 @@ def _split_folder(root, split):
     layout = os.path.isdir(os.path.join(root, "train"))  # ImageNet-style train/ (+ val/, test/)
     base = os.path.join(root, "train") if layout else root
     held_out = [s for s in HELD_OUT_SPLITS if layout and os.path.isdir(os.path.join(root, s))]
-    if split == "all":
-        return base, None
+    if split == "all":  # everything below root, e.g. a collection to embed
+        return root, None
     if layout and os.path.isdir(os.path.join(root, split)) and (split != "train" or held_out):
         return os.path.join(root, split), None
     if split in HELD_OUT_SPLITS and held_out:
@@ -151,9 +151,9 @@ def scan_folder(path, split="train", holdout_fraction=DEFAULT_HOLDOUT_FRACTION):
     "validation" and "val" find each other). Otherwise the folder (or its `train/`) is split per
     class, deterministically by file name: `holdout_fraction` of each class with two or more
     images (at least one) is the held-out part, named "test", "validation" or "val"; "train" is
-    the rest and "all" the whole. A flat folder (no class sub-folders) is unlabelled and only
-    has "train" = "all". Class folders are the sorted sub-folders, including empty ones, so that
-    train and test folders agree on label numbers.
+    the rest. "all" is always the whole folder, its sub-folders the classes. A flat folder (no
+    class sub-folders) is unlabelled and has no held-out part. Class folders are the sorted
+    sub-folders, including empty ones, so that train and test folders agree on label numbers.
     """
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}; use e.g. "
@@ -184,13 +184,12 @@ def scan_folder(path, split="train", holdout_fraction=DEFAULT_HOLDOUT_FRACTION):
     elif carved_from is not None:
         held = subsets.held_out_mask(
             [os.path.relpath(p, directory) for p in paths], labels, holdout_fraction)
-        if split != "all":
-            keep = held if split in HELD_OUT_SPLITS else ~held
-            if not keep.any():
-                raise ValueError(
-                    f"Image folder {path!r} has no class with two or more images, so nothing can be "
-                    f"held out for the {split!r} split; add images or a test/ sub-folder.")
-            paths, labels = [p for p, k in zip(paths, keep) if k], labels[keep]
+        keep = held if split in HELD_OUT_SPLITS else ~held
+        if not keep.any():
+            raise ValueError(
+                f"Image folder {path!r} has no class with two or more images, so nothing can be "
+                f"held out for the {split!r} split; add images or a test/ sub-folder.")
+        paths, labels = [p for p, k in zip(paths, keep) if k], labels[keep]
         description += (
             f" has no test/ sub-folder, so {int(held.sum())} of its {len(held)} images "
             f"({100 * holdout_fraction:g} % of each class, chosen by file name; --set "
