@@ -1,10 +1,12 @@
-"""The end-of-run report: kNN and linear-probe top-1 of the trained encoder beside a random one,
+"""The end-of-run report: kNN and linear-probe top-1 of the trained encoder beside raw pixels and a
+random one, through one protocol,
 the exported SavedModel, and the pictures (training curves, nearest-neighbour grid); and, built from
 the same config, the kNN monitor that reports kNN top-1 during pretraining.
 
     callbacks = knn_monitor_callbacks(config, num_classes)   # [] unless eval.knn_every_epochs > 0
-    scores = encoder_scores(encoder, config, num_classes)    # {"knn_top1", "linear_top1"}
+    scores = encoder_scores(encoder, config, num_classes)    # {"knn_top1", "linear_top1", ...}
     baseline = raw_pixel_scores(config, num_classes)         # the same protocol on raw pixels
+    text = format_report(report)   # report.md: trained / raw pixels / random init, in percent
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import numpy as np
 from nnclr_tf import backbones, evaluate, pictures
 from nnclr_tf.config import Config
 from nnclr_tf.data import dataset_info, evaluation_dataset, load_arrays
-from nnclr_tf.runs import RunDir, write_json
+from nnclr_tf.runs import RunDir, write_json, write_text
 
 log = logging.getLogger("nnclr_tf")
+
+# Raw pixels are scored up to 64 x 64 x 3 features; ImageNet's 224 x 224 x 3 would not fit the probe.
+RAW_PIXEL_LIMIT = 64 * 64 * 3
 
 
 def _eval_images(config: Config, split: str, limit: int, batch: int = 256):
@@ -67,7 +72,8 @@ def encoder_scores(encoder, config: Config, num_classes: int) -> dict:
     knn = evaluate.knn_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes,
                                 k=min(e.knn_k, len(train_x)), temperature=e.knn_temperature)
     linear = evaluate.linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes)
-    return {"knn_top1": float(knn["top1"]), "linear_top1": float(linear["top1"])}
+    return {"knn_top1": float(knn["top1"]), "linear_top1": float(linear["top1"]),
+            "num_train": len(train_y), "num_test": len(test_y)}
 
 
 def raw_pixel_scores(config: Config, num_classes: int) -> dict:
@@ -82,6 +88,14 @@ def raw_pixel_scores(config: Config, num_classes: int) -> dict:
     flatten = keras.layers.Flatten(dtype="float32")  # float32 even under a mixed policy
     pixels = keras.Sequential([keras.Input((size, size, channels)), flatten], name="raw_pixels")
     return encoder_scores(pixels, config, num_classes)
+
+
+def raw_pixel_features(config: Config) -> int:
+    """The length of a raw-pixel feature vector: image_size^2 x channels."""
+    d = config.data
+    channels = dataset_info(d.dataset, d.eval_split, d.data_dir,
+                            holdout_fraction=d.holdout_fraction).image_shape[-1]
+    return d.image_size * d.image_size * channels
 
 
 def random_encoder(config: Config, input_shape):
@@ -124,9 +138,15 @@ def write_report(model, config: Config, run_dir: RunDir, input_shape, info) -> d
     if config.run.export:
         report["saved_model"] = run_dir.export(model, input_shape)
     if info.num_classes > 0:
+        report["config"] = config_summary(config)
         report["trained"] = encoder_scores(model.encoder, config, info.num_classes)
+        # The baseline a representation has to beat: the pixels it was computed from.
+        if raw_pixel_features(config) <= RAW_PIXEL_LIMIT:
+            report["raw_pixels"] = raw_pixel_scores(config, info.num_classes)
         report["random_init"] = encoder_scores(random_encoder(config, input_shape), config,
                                                info.num_classes)
+        report["protocol"] = protocol(config, report["trained"])
+        report["verdict"] = raw_pixel_verdict(report, raw_pixel_features(config))
     curves = run_dir.file("training_curves.png")
     pictures.plot_training_curves(pictures.read_csv_log(run_dir.csv_log), curves)
     report["pictures"] = [curves]
@@ -136,24 +156,85 @@ def write_report(model, config: Config, run_dir: RunDir, input_shape, info) -> d
     report["tensorboard"] = run_dir.tensorboard
     write_json(run_dir.file("report.json"), report)
     text = format_report(report)
-    with open(run_dir.file("report.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
+    write_text(run_dir.file("report.md"), text)
     print(text, flush=True)
     return report
 
 
+def config_summary(config: Config) -> dict:
+    """The settings that decide the numbers, for the report (the whole config is config.json)."""
+    m, d, o, r = config.model, config.data, config.optim, config.run
+    return {"backbone": m.backbone, "width_multiplier": m.width_multiplier, "cifar_stem": m.cifar_stem,
+            "image_size": d.image_size, "batch_size": o.batch_size, "epochs": o.epochs,
+            "train_steps": o.train_steps, "optimizer": o.optimizer,
+            "base_learning_rate": o.base_learning_rate, "queue_size": m.queue_size,
+            "temperature": m.temperature, "positive": m.positive, "augment": config.augment.preset,
+            "mixed_precision": r.mixed_precision, "seed": r.seed}
+
+
+def protocol(config: Config, scores: dict) -> dict:
+    """How the report's numbers were measured: splits, example counts, k and temperature."""
+    d, e = config.data, config.eval
+    return {"train_split": d.eval_train_split, "test_split": d.eval_split,
+            "num_train": scores["num_train"], "num_test": scores["num_test"],
+            "knn_k": min(e.knn_k, scores["num_train"]), "knn_temperature": e.knn_temperature,
+            "linear_probe": "L2-regularised logistic regression (L-BFGS) on standardised frozen "
+                            "features, L2 chosen on 20% of the training features"}
+
+
+def raw_pixel_verdict(report: dict, pixel_features: int) -> str:
+    """One sentence: does the trained encoder beat raw pixels on kNN and on the linear probe?"""
+    if "raw_pixels" not in report:
+        return (f"Raw pixels were not scored: {pixel_features} features per image is more than the "
+                f"probe is sized for ({RAW_PIXEL_LIMIT}).")
+    trained, raw = report["trained"], report["raw_pixels"]
+    parts = {name: f"{label} ({_percent(trained[key])} % vs {_percent(raw[key])} %)"
+             for name, key, label in (("knn", "knn_top1", "kNN"),
+                                      ("linear", "linear_top1", "the linear probe"))}
+    beats = {name: trained[f"{name}_top1"] > raw[f"{name}_top1"] for name in parts}
+    if all(beats.values()):
+        return f"The trained encoder beats raw pixels on both {parts['knn']} and {parts['linear']}."
+    if not any(beats.values()):
+        return (f"The trained encoder does not beat raw pixels, neither on {parts['knn']} nor on "
+                f"{parts['linear']}.")
+    better, worse = ("knn", "linear") if beats["knn"] else ("linear", "knn")
+    return (f"The trained encoder beats raw pixels on {parts[better]} but not on "
+            f"{parts[worse]}.")
+
+
+def _percent(fraction: float) -> str:
+    return f"{100.0 * fraction:.1f}"
+
+
 def format_report(report: dict) -> str:
+    """report.md (and the console): Markdown, accuracies in percent like every results file."""
     lines = [f"## NNCLR report: {report['dataset']} ({report['steps']} training steps)", ""]
     if report.get("data"):
         lines += [report["data"], ""]
+    if "config" in report:
+        c = report["config"]
+        length = f"{c['train_steps']} steps" if c["train_steps"] > 0 else f"{c['epochs']} epochs"
+        lines += [f"Config: {c['backbone']} x{c['width_multiplier']}"
+                  f"{' (CIFAR stem)' if c['cifar_stem'] else ''}, {c['image_size']} px, batch "
+                  f"{c['batch_size']}, {length}, {c['optimizer']} at base learning rate "
+                  f"{c['base_learning_rate']}, support set {c['queue_size']}, temperature "
+                  f"{c['temperature']}, positive {c['positive']}, augment {c['augment']}, precision "
+                  f"{c['mixed_precision']}, seed {c['seed']} (all settings: config.json).", ""]
     if "trained" in report:
-        lines += [f"| encoder | kNN top-1 | linear-probe top-1 |  (on the {report['eval_split']} split)",
+        p = report["protocol"]
+        lines += [f"Top-1 accuracy (%) on {p['num_test']} images of the '{p['test_split']}' split, "
+                  f"from frozen features; bank and probe training set: {p['num_train']} images of "
+                  f"the '{p['train_split']}' split. kNN: k={p['knn_k']} cosine neighbours, votes "
+                  f"weighted exp(cosine / {p['knn_temperature']}). Linear probe: "
+                  f"{p['linear_probe']}.", "",
+                  "| encoder | kNN top-1 (%) | linear-probe top-1 (%) |",
                   "| --- | --- | --- |"]
-        for name in ("trained", "random_init"):
-            scores = report[name]
-            lines.append(f"| {name.replace('_', ' ')} | {scores['knn_top1']:.4f} | "
-                         f"{scores['linear_top1']:.4f} |")
-        lines.append("")
+        for name in ("trained", "raw_pixels", "random_init"):
+            if name in report:
+                scores = report[name]
+                lines.append(f"| {name.replace('_', ' ')} | {_percent(scores['knn_top1'])} | "
+                             f"{_percent(scores['linear_top1'])} |")
+        lines += ["", report["verdict"], ""]
     if "saved_model" in report:
         lines.append(f"SavedModel (serving signature): {report['saved_model']}")
     lines.append(f"Pictures: {', '.join(report['pictures'])}")

@@ -4,7 +4,6 @@ rows = transfer_suite(encoder, ["cifar10", "dtd"], data_dir="~/tensorflow_datase
 print(write_results(rows, model_dir, "transfer"))   # JSON + Markdown beside the paper's numbers
 """
 
-import json
 import math
 import os
 
@@ -100,7 +99,9 @@ def transfer_suite(
 
     Returns:
       a list of row dicts: dataset, status ("ok" / "skipped"), top1, top5, mean_per_class, l2,
-      val_top1, num_train, num_test, num_classes, paper (percent, or None), paper_metric, reason.
+      val_top1, num_train, num_test, num_classes, paper (percent, or None), paper_metric,
+      protocol ("linear_probe": L-BFGS logistic regression, L2 chosen on 20 % of the training
+      features), train_split, test_split, reason.
     """
     if isinstance(datasets, str):
         datasets = [datasets]
@@ -117,6 +118,7 @@ def transfer_suite(
             "paper_metric": PAPER_METRIC.get(name, "top1"),
         }
         train_split, test_split = splits.get(name, ("train", "test"))
+        row.update(protocol="linear_probe", train_split=train_split, test_split=test_split)
         try:
             train_ds, test_ds = load_fn(name, train_split), load_fn(name, test_split)
         except (ValueError, FileNotFoundError) as error:
@@ -189,10 +191,9 @@ def write_results(results, model_dir, name):
     """
     if not name or os.sep in name:
         raise ValueError(f"Results name {name!r} must be a plain file stem such as 'transfer'.")
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, f"{name}.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    from nnclr_tf.runs import write_json, write_text  # through tf.io.gfile: gs://, ram://
+
     markdown = results_markdown(results)
-    with open(os.path.join(model_dir, f"{name}.md"), "w") as f:
-        f.write(markdown)
+    write_json(os.path.join(model_dir, f"{name}.json"), results)
+    write_text(os.path.join(model_dir, f"{name}.md"), markdown)
     return markdown
