@@ -282,7 +282,7 @@ class TfdsSourceTest(parameterized.TestCase):
                 data.pretraining_dataset("cifar10", data_dir=data_dir, batch_size=8)
         self.assertIsInstance(caught.exception, ValueError)
         message = str(caught.exception)
-        for expected in ("'cifar10'", data_dir, "tfds build cifar10"):
+        for expected in ("'cifar10'", data_dir, "tfds build cifar10", "or pass --download"):
             self.assertIn(expected, message)
 
     def test_unknown_name_lists_close_matches(self):

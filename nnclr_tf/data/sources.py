@@ -116,10 +116,9 @@ def _not_prepared_message(name, builder, data_dir):
     how = (f"put the files it needs in {root}/downloads/manual (see its manual download "
            f"instructions), then run `tfds build {name} --data_dir={root}`"
            if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else
-           f"run `tfds build {name} --data_dir={root}` (or "
-           f"tfds.builder({name!r}, data_dir=...).download_and_prepare()) on a machine with "
-           f"internet access and copy the folder {name.split('/')[0]}/ into {root}, or pass "
-           "download=True")
+           f"run `tfds build {name} --data_dir={root}` on a machine with internet access and "
+           f"copy the folder {name.split('/')[0]}/ into {root}, or pass --download (in Python: "
+           "download=True)")
     elsewhere = ""
     if data_dir:
         default = tfds.builder(name)
