@@ -33,6 +33,9 @@ log = logging.getLogger("nnclr_tf")
 MANIFEST = "manifest.json"
 FORMAT = "nnclr_tf.collection/1"
 DEFAULT_SHARD_SIZE = 4096
+SPACES = ("features", "embeddings", "thumbnails")
+_PARTS = ("ids", "labels", "features", "embeddings", "thumbnails")
+THUMBNAIL_SIDE = 8
 
 
 @dataclasses.dataclass
@@ -42,7 +45,9 @@ class Collection:
 
     ids: [N] str; labels: [N] int32 (-1 when unknown); features: [N, D] float32;
     embeddings: [N, E] float32, L2-normalised; skipped: [(id, reason)];
-    info: the manifest (encoder, source, class names, sizes).
+    info: the manifest (encoder, source, class names, sizes);
+    thumbnails: [N, 64] float32, the whole image shrunk to 8x8 grey and standardised, a perceptual
+      signature as image hashing uses: the best space for near-duplicates (see duplicates.py).
     """
     ids: np.ndarray
     labels: np.ndarray
@@ -50,6 +55,7 @@ class Collection:
     embeddings: np.ndarray
     skipped: list
     info: dict
+    thumbnails: np.ndarray = None
 
     def __len__(self):
         return len(self.ids)
@@ -59,10 +65,9 @@ class Collection:
         return tuple(self.info.get("class_names") or ())
 
     def vectors(self, space="features"):
-        """[N, dim] L2-normalised rows of `space` ("features" or "embeddings")."""
-        if space not in ("features", "embeddings"):
-            raise ValueError(f"space={space!r} must be 'features' or 'embeddings'; pass "
-                             "--space=features or --space=embeddings.")
+        """[N, dim] L2-normalised rows of `space` (one of SPACES)."""
+        if space not in SPACES:
+            raise ValueError(f"--space={space!r} must be one of {', '.join(SPACES)}.")
         return normalise(getattr(self, space))
 
     def path(self, i):
@@ -207,10 +212,18 @@ def _read_shard(path):
             return {key: shard[key] for key in shard.files}
 
 
-def _write_shard(path, ids, labels, features, embeddings):
+def thumbnail_signature(image):
+    """uint8 [H, W, C] -> float32 [64]: the image shrunk to 8x8 grey, zero mean and unit norm."""
+    grey = tf.reduce_mean(tf.cast(image, tf.float32), axis=-1, keepdims=True)
+    small = tf.reshape(tf.image.resize(grey, [THUMBNAIL_SIDE, THUMBNAIL_SIDE], antialias=True), [-1])
+    return tf.math.l2_normalize(small - tf.reduce_mean(small))
+
+
+def _write_shard(path, ids, labels, features, embeddings, thumbnails):
     buffer = io.BytesIO()
     np.savez(buffer, ids=np.asarray(ids, dtype=str), labels=np.asarray(labels, np.int32),
-             features=np.asarray(features, np.float32), embeddings=np.asarray(embeddings, np.float32))
+             features=np.asarray(features, np.float32), embeddings=np.asarray(embeddings, np.float32),
+             thumbnails=np.asarray(thumbnails, np.float32))
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with tf.io.gfile.GFile(tmp, "wb") as handle:
         handle.write(buffer.getvalue())
@@ -236,15 +249,23 @@ def read_manifest(output):
 def load_collection(output):
     """The whole collection written at `output`, in memory."""
     manifest = read_manifest(output)
-    shards = list(iter_shards(output))
-    if not shards:
-        empty = np.zeros([0, manifest.get("features_dim", 0)], np.float32)
-        shards = [{"ids": np.zeros([0], str), "labels": np.zeros([0], np.int32),
-                   "features": empty, "embeddings": np.zeros([0, manifest.get("embeddings_dim", 0)],
-                                                             np.float32)}]
-    parts = {key: np.concatenate([s[key] for s in shards]) for key in shards[0]}
-    return Collection(parts["ids"], parts["labels"], parts["features"], parts["embeddings"],
-                      [tuple(s) for s in manifest.get("skipped", [])], manifest)
+    return _collection(list(iter_shards(output)), [tuple(s) for s in manifest.get("skipped", [])],
+                       manifest)
+
+
+def _collection(parts, skipped, manifest):
+    """A Collection of the concatenated shard dicts `parts` (none: an empty collection)."""
+    dims = {"features": manifest.get("features_dim", 0),
+            "embeddings": manifest.get("embeddings_dim", 0), "thumbnails": THUMBNAIL_SIDE ** 2}
+    joined = {}
+    for key in _PARTS:
+        if parts:
+            joined[key] = np.concatenate([p[key] for p in parts])
+        else:
+            joined[key] = np.zeros([0, dims[key]] if key in dims else [0],
+                                   str if key == "ids" else np.float32 if key in dims else np.int32)
+    return Collection(joined["ids"], joined["labels"], joined["features"], joined["embeddings"],
+                      skipped, manifest, joined["thumbnails"])
 
 
 class _Progress:
@@ -299,12 +320,13 @@ def embed(encoder, source, output=None, split="test", data_dir=None, batch_size=
                  len(done_ids), len(keep))
     image_size, channels = model.image_size, model.channels
     ds = items.dataset(keep).map(
-        lambda i, image, y: (i, export_lib.preprocess_for_eval(image, image_size, channels), y),
+        lambda i, image, y: (i, export_lib.preprocess_for_eval(image, image_size, channels), y,
+                             thumbnail_signature(image)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors().batch(batch_size).prefetch(2)
 
     bar = _Progress(len(keep), output is not None if progress is None else progress)
-    buffer = {"ids": [], "labels": [], "features": [], "embeddings": []}
+    buffer = {key: [] for key in _PARTS}
     in_memory = []
     received = set()
 
@@ -323,7 +345,7 @@ def embed(encoder, source, output=None, split="test", data_dir=None, batch_size=
         manifest["count"] = int(sum(s["count"] for s in manifest["shards"]))
         runs.write_json(os.path.join(output, MANIFEST), manifest)
 
-    for ids, images, labels in ds:
+    for ids, images, labels, thumbnails in ds:
         out = model.embed_float(images)
         ids = ids.numpy().astype(str)
         received.update(ids)
@@ -331,6 +353,7 @@ def embed(encoder, source, output=None, split="test", data_dir=None, batch_size=
         buffer["labels"].append(labels.numpy())
         buffer["features"].append(out["features"].numpy())
         buffer["embeddings"].append(out["embeddings"].numpy())
+        buffer["thumbnails"].append(thumbnails.numpy())
         manifest.setdefault("features_dim", int(out["features"].shape[-1]))
         manifest.setdefault("embeddings_dim", int(out["embeddings"].shape[-1]))
         bar.update(len(ids))
@@ -347,13 +370,8 @@ def embed(encoder, source, output=None, split="test", data_dir=None, batch_size=
                     " ..." if len(skipped) > 5 else "")
     manifest["skipped"] = [list(s) for s in skipped]
     if output is None:
-        parts = in_memory or [{"ids": np.zeros([0], str), "labels": np.zeros([0], np.int32),
-                               "features": np.zeros([0, 0], np.float32),
-                               "embeddings": np.zeros([0, 0], np.float32)}]
-        joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        manifest["count"] = int(len(joined["ids"]))
-        return Collection(joined["ids"], joined["labels"], joined["features"],
-                          joined["embeddings"], skipped, manifest)
+        manifest["count"] = int(sum(len(p["ids"]) for p in in_memory))
+        return _collection(in_memory, skipped, manifest)
     manifest["count"] = int(sum(s["count"] for s in manifest["shards"]))
     runs.write_json(os.path.join(output, MANIFEST), manifest)
     return load_collection(output)

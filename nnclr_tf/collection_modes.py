@@ -70,7 +70,7 @@ def _queries(queries):
     return files
 
 
-def search(collection=None, queries=(), k=5, index="exact", space="features", encoder=None,
+def search(collection=None, queries=(), k=5, index="exact", space=None, encoder=None,
            output=None):
     from nnclr_tf import search as search_lib  # pylint: disable=import-outside-toplevel
     if not collection:
@@ -85,7 +85,8 @@ def search(collection=None, queries=(), k=5, index="exact", space="features", en
     files = _queries(queries)
     from nnclr_tf import collection as collection_lib  # pylint: disable=import-outside-toplevel
     loaded = collection_lib.load_collection(collection)
-    result = search_lib.search(loaded, files, k=k, space=space, index=index, encoder=encoder)
+    result = search_lib.search(loaded, files, k=k, space=space or "features", index=index,
+                               encoder=encoder)
     print(search_lib.result_table(result, loaded), flush=True)
     picture = output or "search.png"
     try:
@@ -96,14 +97,14 @@ def search(collection=None, queries=(), k=5, index="exact", space="features", en
     return result
 
 
-def duplicates(collection=None, threshold=None, space="features", output=None):
+def duplicates(collection=None, threshold=None, space=None, output=None):
     from nnclr_tf import duplicates as dup  # pylint: disable=import-outside-toplevel
     if not collection:
         raise UsageError("Pass --collection=<folder written by nnclr embed>.")
     from nnclr_tf import collection as collection_lib  # pylint: disable=import-outside-toplevel
     threshold = dup.DEFAULT_THRESHOLD if threshold is None else threshold
     loaded = collection_lib.load_collection(collection)
-    pairs = dup.duplicate_pairs(loaded.vectors(space), threshold)
+    pairs = dup.duplicate_pairs(loaded.vectors(space or dup.DEFAULT_SPACE), threshold)
     groups = dup.group_pairs(pairs, len(loaded))
     output = output or f"{collection.rstrip('/')}_duplicates"
     files = dup.write_report(loaded, pairs, groups, output, threshold)

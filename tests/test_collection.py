@@ -25,15 +25,6 @@ def exported_fixture(tmp_path_factory):
     return path
 
 
-def _pixel_encoder(path):
-    """An encoder whose features are the 8x8 grey image, standardised per image: cosine is then
-    the pixels' correlation, a stand-in for a trained encoder that tells images apart."""
-    images = keras.Input((16, 16, 1))
-    x = keras.layers.Flatten()(keras.layers.AveragePooling2D(2)(images))
-    x = keras.layers.LayerNormalization(center=False, scale=False)(x)
-    return nnclr_tf.export_encoder(keras.Model(images, x), path, image_size=16, channels=1)
-
-
 def _mixed_folder(root, rng):
     """Nested folder: 7 RGB / grey images of different sizes, a truncated JPEG (caught by the
     scan) and a PNG that looks complete but holds no image (caught when decoding)."""
@@ -172,18 +163,21 @@ def _planted_folder(root, data_dir, count=120, copies=12, seed=4):
     return {(f"copies/{i:03d}.jpg", f"originals/{i:03d}.png") for i in planted}
 
 
-def test_duplicates_finds_every_planted_copy(tmp_path, embedded_data_dir):
+def test_duplicates_finds_every_planted_copy_at_the_default_threshold(
+        exported, tmp_path, embedded_data_dir):
     planted = _planted_folder(tmp_path / "photos", embedded_data_dir)
-    embedded = collection.embed(_pixel_encoder(str(tmp_path / "pixels")), str(tmp_path / "photos"))
-    pairs = duplicates.duplicate_pairs(embedded.vectors(), threshold=0.99, chunk_rows=50)
+    embedded = collection.embed(exported, str(tmp_path / "photos"))
+    threshold = duplicates.DEFAULT_THRESHOLD
+    pairs = duplicates.duplicate_pairs(embedded.vectors(duplicates.DEFAULT_SPACE), threshold,
+                                       chunk_rows=50)
     found = {tuple(sorted((embedded.ids[i], embedded.ids[j]))) for i, j, _ in pairs}
     assert planted <= found
-    assert len(found - planted) <= 3
-    v = embedded.vectors()
-    full = {(i, j) for i, j in zip(*np.nonzero(np.triu(v @ v.T >= 0.99, 1)))}
+    assert len(found - planted) <= 2
+    v = embedded.vectors(duplicates.DEFAULT_SPACE)
+    full = {(i, j) for i, j in zip(*np.nonzero(np.triu(v @ v.T >= threshold, 1)))}
     assert {(i, j) for i, j, _ in pairs} == full  # the chunked pass misses none
     groups = duplicates.group_pairs(pairs, len(embedded))
-    files = duplicates.write_report(embedded, pairs, groups, str(tmp_path / "report"), 0.99)
+    files = duplicates.write_report(embedded, pairs, groups, str(tmp_path / "report"), threshold)
     removable = open(files["would_remove.txt"]).read().split()
     # The larger of each planted pair is kept: the removed file is the smaller one.
     for copy, original in planted:
