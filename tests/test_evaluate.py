@@ -406,6 +406,10 @@ class InputTest(parameterized.TestCase):
             np.testing.assert_array_equal(got_labels, labels)
         knn = evaluate.knn_evaluate(encoder, (images, labels), dicts, 3, k=5)
         self.assertEqual((knn["k"], knn["num_bank"], knn["num_queries"]), (5, 30, 30))
+        probe = evaluate.linear_probe_evaluate(encoder, (images, labels), dicts, 3)
+        self.assertEqual((probe["num_train"], probe["num_test"]), (30, 30))
+        reference = evaluate.linear_probe_accuracy(expected, labels, expected, labels, 3)
+        self.assertAlmostEqual(probe["top1"], reference["top1"], delta=1 / 30)
 
     def test_linear_evaluation_takes_dict_datasets_and_arrays(self):
         train, test = colour_images(96, 3, seed=0), colour_images(60, 3, seed=1)

@@ -5,6 +5,7 @@ One function per protocol takes an encoder keras.Model mapping images [batch, H,
 {"image", "label"} dicts, or as an (images, labels) tuple of NumPy arrays:
 
     knn_evaluate(encoder, train, test, num_classes)          # k=200, temperature=0.1
+    linear_probe_evaluate(encoder, train, test, num_classes) # L-BFGS logistic regression (fast)
     linear_evaluation(encoder, train, test, num_classes)     # SGD on a frozen encoder, 90 epochs
     fine_tune(encoder, train, test, num_classes)             # the whole encoder, 30 epochs
     transfer_suite(encoder, ["cifar10", "dtd"])              # L-BFGS probe per dataset
@@ -15,7 +16,11 @@ On precomputed features: `knn_accuracy` and `linear_probe_accuracy` (`extract_fe
 from nnclr_tf.evaluation.features import as_dataset, even_batches, extract_features
 from nnclr_tf.evaluation.finetune import fine_tune
 from nnclr_tf.evaluation.knn import KNNMonitor, knn_accuracy, knn_evaluate, knn_predict
-from nnclr_tf.evaluation.linear import linear_evaluation, linear_probe_accuracy
+from nnclr_tf.evaluation.linear import (
+    linear_evaluation,
+    linear_probe_accuracy,
+    linear_probe_evaluate,
+)
 from nnclr_tf.evaluation.transfer import (
     DEFAULT_TRANSFER_DATASETS,
     PAPER_METRIC,
@@ -41,6 +46,7 @@ __all__ = [
     "knn_predict",
     "linear_evaluation",
     "linear_probe_accuracy",
+    "linear_probe_evaluate",
     "results_markdown",
     "transfer_suite",
     "write_results",

@@ -2,6 +2,7 @@
 
 # Fast path (transfer suite, quick checks): L2-regularised logistic regression on features.
 linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes)  # {"top1", "top5", "l2", ...}
+linear_probe_evaluate(encoder, train_ds, test_ds, num_classes)        # the same from an encoder
 # The paper's protocol: a Dense head on a frozen encoder, SGD + cosine on augmented images.
 linear_evaluation(encoder, augmented_train_ds, test_ds, num_classes)   # 90 epochs, lr 0.1
 linear_evaluation(encoder, (x_train, y_train), (x_test, y_test), num_classes, epochs=10)
@@ -17,6 +18,7 @@ from nnclr_tf.evaluation.features import (
     as_dataset,
     check_finite,
     even_batches,
+    extract_features,
     mean_per_class_accuracy,
 )
 
@@ -183,6 +185,23 @@ def linear_probe_accuracy(
     results["mean_per_class"] = mean_per_class_accuracy(np.argmax(scores, axis=1), test_y)
     results.update(l2=float(l2), val_top1=val_top1)
     return results
+
+
+def linear_probe_evaluate(encoder, train_ds, test_ds, num_classes, **kwargs):
+    """The fast linear protocol on an encoder: frozen features, then `linear_probe_accuracy`.
+
+    Args:
+      encoder: images [batch, H, W, C] float in [0, 1] -> features [batch, D].
+      train_ds, test_ds: finite (images, labels) batches, or (images, labels) arrays.
+      kwargs: those of `linear_probe_accuracy` (l2_grid, validation_fraction, ...).
+
+    Returns:
+      dict(top1, top5 (num_classes >= 5), mean_per_class, l2, val_top1, num_train, num_test).
+    """
+    train_x, train_y = extract_features(encoder, train_ds)
+    test_x, test_y = extract_features(encoder, test_ds)
+    results = linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes, **kwargs)
+    return {**results, "num_train": len(train_y), "num_test": len(test_y)}
 
 
 def steps_in(dataset, steps_per_epoch, argument="train_ds"):
