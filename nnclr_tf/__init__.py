@@ -1,10 +1,12 @@
 """NNCLR (Nearest-Neighbour Contrastive Learning of Visual Representations) for TensorFlow / Keras 3.
 
-    import keras, nnclr_tf
-    encoder = nnclr_tf.build_backbone("resnet18", input_shape=(32, 32, 3), cifar_stem=True)
-    model = nnclr_tf.NNCLR(encoder, queue_size=16384)
-    model.compile(optimizer=nnclr_tf.LARS(nnclr_tf.WarmupCosine(0.3, 512, 10_000, 500)))
-    model.fit(nnclr_tf.pretraining_dataset("cifar10", batch_size=512), steps_per_epoch=..., epochs=...)
+    import nnclr_tf
+    encoder = nnclr_tf.build_backbone("resnet18", input_shape=(28, 28, 1), cifar_stem=True)
+    model = nnclr_tf.NNCLR(encoder, queue_size=4096)
+    steps = 2  # a real run: batch_size=512 on "cifar10", 10_000 steps, 500 of warm-up
+    model.compile(optimizer=nnclr_tf.LARS(nnclr_tf.WarmupCosine(0.3, 16, steps, 1)))
+    model.fit(nnclr_tf.pretraining_dataset("embedded", batch_size=16, image_size=28),
+              steps_per_epoch=steps, epochs=1)
 
 The pieces stand alone: `SupportSet` (the queue and its nearest-neighbour lookup), `losses`
 (the NNCLR and SimCLR-style contrastive losses), the heads, the augmentations and the optimizer.
@@ -36,6 +38,7 @@ _EXPORTS = {
     "evaluation_dataset": "nnclr_tf.data",
     "export_encoder": "nnclr_tf.export",
     "load_encoder": "nnclr_tf.export",
+    "embed": "nnclr_tf.collection",
     "get_preset": "nnclr_tf.config",
     "override": "nnclr_tf.config",
     "Config": "nnclr_tf.config",

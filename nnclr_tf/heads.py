@@ -1,6 +1,7 @@
 """Projection MLP, prediction MLP and the online linear probe.
 
-    features = encoder(images)                 # [batch, features]
+    import tensorflow as tf
+    features = tf.random.normal([8, 512])      # encoder(images): [batch, features]
     z = ProjectionHead()(features)             # [batch, 256]
     p = PredictionHead()(z)                    # [batch, 256]
     logits = LinearProbe(10)(features)         # [batch, 10], never trains the encoder

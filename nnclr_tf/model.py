@@ -1,10 +1,15 @@
 """`NNCLR(keras.Model)`: the method as a few lines of composition.
 
-    encoder = build_backbone("resnet18", input_shape=(32, 32, 3))
-    model = NNCLR(encoder, queue_size=16384, num_classes=10)
-    model.compile(optimizer=LARS(...))
-    model.fit(pretraining_dataset(...), steps_per_epoch=..., epochs=...)
-    features = model.encode(images)
+    import numpy as np
+    from nnclr_tf.backbones import build_backbone
+    from nnclr_tf.optim import LARS
+    encoder = build_backbone("resnet18", input_shape=(32, 32, 3), cifar_stem=True)
+    model = NNCLR(encoder, queue_size=1024, num_classes=10)
+    model.compile(optimizer=LARS(0.1))
+    view_1, view_2 = np.random.rand(2, 8, 32, 32, 3).astype("float32")  # [batch, H, W, C] each
+    labels = np.arange(8)                    # optional: trains the online linear probe
+    model.fit((view_1, view_2), labels, epochs=1)   # or nnclr_tf.pretraining_dataset(...)
+    features = model.encode(view_1)          # [8, 512]
 
 One training step (`train_step`), per replica under any tf.distribute strategy:
 images -> views 1 and 2 -> one encoder pass (shared BN statistics) -> projection z (L2-normalised)
@@ -129,6 +134,9 @@ class NNCLR(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.contrastive_acc_tracker = keras.metrics.Mean(name="contrastive_acc")
         self.nn_acc_tracker = keras.metrics.Mean(name="nn_acc")
+        # Collapse watch: std over the batch of the L2-normalised projections, mean over their
+        # dimensions; about 1/sqrt(projection_dim) when healthy, near 0 when all z are alike.
+        self.z_std_tracker = keras.metrics.Mean(name="z_std")
         self.probe_loss_tracker = keras.metrics.Mean(name="probe_loss")
         self.probe_acc_tracker = keras.metrics.Mean(name="probe_acc")
         inputs.warn_if_rescaling(encoder)
@@ -140,7 +148,7 @@ class NNCLR(keras.Model):
     def metrics(self):
         # Listed here so Keras resets them at the start of every epoch / evaluation.
         return [self.loss_tracker, self.contrastive_acc_tracker, self.nn_acc_tracker,
-                self.probe_loss_tracker, self.probe_acc_tracker]
+                self.probe_loss_tracker, self.probe_acc_tracker, self.z_std_tracker]
 
     def _unbuilt_message(self):
         return (f"The encoder {self.encoder.name!r} has no input shape, so NNCLR cannot build its "
@@ -296,7 +304,8 @@ class NNCLR(keras.Model):
         self.contrastive_acc_tracker.update_state(0.5 * (  # over the global batch's columns
             contrastive_accuracy(anchors_1, p_2, predictions_global=g_p_2, label_offset=offset)
             + contrastive_accuracy(anchors_2, p_1, predictions_global=g_p_1, label_offset=offset)))
-        logs = [self.loss_tracker, self.contrastive_acc_tracker]
+        self.z_std_tracker.update_state(tf.reduce_mean(tf.math.reduce_std(z_1, axis=0)))
+        logs = [self.loss_tracker, self.contrastive_acc_tracker, self.z_std_tracker]
         if labels is not None:
             self.nn_acc_tracker.update_state(
                 tf.reduce_mean(tf.cast(tf.equal(nn_labels, labels), tf.float32)))

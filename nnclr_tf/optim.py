@@ -1,8 +1,9 @@
 """Optimisation: LARS for Keras 3, the warm-up + cosine learning-rate schedule, optimizer by name.
 
-    schedule = WarmupCosine(base_learning_rate=0.3, batch_size=4096, total_steps=T, warmup_steps=W)
+    schedule = WarmupCosine(base_learning_rate=0.3, batch_size=4096, total_steps=100_000,
+                            warmup_steps=1_000)
     optimizer = LARS(schedule, weight_decay=1e-6)   # biases and BN parameters excluded (rank <= 1)
-    model.compile(optimizer=optimizer)
+    # model.compile(optimizer=optimizer), or model.compile(optimizer="lars") for the defaults
 """
 
 import math
