@@ -148,7 +148,8 @@ def pretrain(args):
     config = cfg.override(cfg.get_preset("tiny"), {
         "run.model_dir": args.model_dir, "data.data_dir": args.data_dir,
         "run.strategy": args.strategy, "run.cpu_replicas": args.cpu_replicas,
-        "optim.train_steps": args.steps, "run.report": False, "run.export": False})
+        "optim.train_steps": args.steps, "run.report": False, "run.export": False,
+        "run.allow_config_change": True})  # the tests resume a run for more steps
     start = {}
 
     class AtStart(keras.callbacks.Callback):

@@ -53,7 +53,8 @@ def test_second_run_resumes_from_the_checkpoint(tmp_path):
             resumed_at["step"] = int(self.model.optimizer.iterations.numpy())
             resumed_at["queue"] = support_set_rows(self.model)
 
-    second = train.pretrain(tiny(tmp_path, **{"optim.train_steps": "6"}), verbose=0,
+    longer = {"optim.train_steps": "6", "run.allow_config_change": "true"}  # an explicit act
+    second = train.pretrain(tiny(tmp_path, **longer), verbose=0,
                             callbacks=[Probe()])
     assert resumed_at["step"] == 4
     np.testing.assert_array_equal(resumed_at["queue"], saved_queue)
@@ -76,7 +77,8 @@ def test_float16_loss_scale_is_checkpointed_and_resumed(tmp_path):
         def on_train_begin(self, logs=None):
             resumed["scale"] = float(self.model.optimizer.dynamic_scale.numpy())
 
-    train.pretrain(tiny(tmp_path, **overrides, **{"optim.train_steps": "3"}), verbose=0,
+    longer = {"optim.train_steps": "3", "run.allow_config_change": "true"}
+    train.pretrain(tiny(tmp_path, **overrides, **longer), verbose=0,
                    callbacks=[Probe()])
     assert resumed["scale"] == saved
 
