@@ -4,6 +4,7 @@ never flags:
     nnclr embed --encoder=runs/demo --input=photos --output=photos.emb
     nnclr search --collection=photos.emb --query=query.jpg --k=5 --output=search.png
     nnclr duplicates --collection=photos.emb --output=photos_duplicates
+    nnclr map --collection=photos.emb --output=photos_map
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ MODES = {
     "embed": "embed a folder (or a TFDS split) with an encoder into a collection folder; resumable",
     "search": "the --k nearest images of a collection to each --query image (table and picture)",
     "duplicates": "near-duplicate groups of a collection above a cosine --threshold (never deletes)",
+    "map": "a 2-D map of a collection coloured by label (PNG) and a TensorBoard projector export",
 }
 
 
@@ -115,3 +117,19 @@ def duplicates(collection=None, threshold=None, space=None, output=None):
     for name, path in files.items():
         print(f"  {name}: {path}", flush=True)
     return pairs, groups
+
+
+def map(collection=None, space=None, output=None):  # pylint: disable=redefined-builtin
+    from nnclr_tf import collection as collection_lib  # pylint: disable=import-outside-toplevel
+    from nnclr_tf import projection  # pylint: disable=import-outside-toplevel
+    if not collection:
+        raise UsageError("Pass --collection=<folder written by nnclr embed>.")
+    loaded = collection_lib.load_collection(collection)
+    output = output or f"{collection.rstrip('/')}_map"
+    picture = projection.plot_map(loaded, os.path.join(output, "map.png"), space or "features")
+    rows = projection.write_projector(loaded, os.path.join(output, "projector"),
+                                      space or "features")
+    print(f"2-D map (PCA) written to {picture}; TensorBoard projector of {len(rows)} images in "
+          f"{os.path.join(output, 'projector')} (open it with: tensorboard --logdir "
+          f"{os.path.join(output, 'projector')}).", flush=True)
+    return picture
