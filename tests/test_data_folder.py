@@ -221,6 +221,18 @@ class HeldOutSplitTest(parameterized.TestCase):
             self.assertEqual(int(ds.cardinality()), -(-count // 4), (split, label_fraction))
             self.assertEqual(sum(len(labels) for _, labels in ds), count)
 
+    def test_an_image_that_fails_to_decode_does_not_stop_an_evaluation(self):
+        # Looks complete to the scan (signature and IEND) but holds no image.
+        with open(os.path.join(self.root, "b", "zz.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" + b"\x07" * 64 + b"IEND\xaeB`\x82")
+        train, labels, _ = self._files("train")
+        self.assertIn("b/zz.png", train)
+        ds = data.evaluation_dataset(self.root, "train", batch_size=8, image_size=8)
+        self.assertEqual(int(ds.cardinality()), 4)
+        seen = np.concatenate([batch.numpy() for _, batch in ds])
+        self.assertLen(seen, len(labels))  # the length it states, one image read twice
+        self.assertEqual(np.bincount(seen).tolist(), [19, 10, 1])  # 18 + 1 a again, 11 - 1 b, 1 c
+
     def test_a_small_label_fraction_keeps_one_image_per_class_and_says_so(self):
         with self.assertLogs(level="WARNING") as logs:
             ds = data.evaluation_dataset(self.root, "train", batch_size=8, image_size=8,

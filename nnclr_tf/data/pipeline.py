@@ -239,8 +239,10 @@ def evaluation_dataset(dataset, split, data_dir=None, batch_size=256, image_size
     ds = source.read(shard=shard, indices=indices, shuffle_seed=seed if shuffle else None)
     local_count = len(range(shard[1], count, shard[0])) if shard else count
     if ds.cardinality() < 0:
-        # A filtered subset, or a folder whose undecodable files are skipped: state the length.
-        ds = ds.apply(tf.data.experimental.assert_cardinality(local_count))
+        # A filtered subset, or a folder whose undecodable files are skipped: give it its length.
+        # A file that passed the scan but fails to decode (rare; logged) is then stood in for by
+        # the first images again, so evaluation never stops on it nor runs short of its steps.
+        ds = ds.repeat().take(local_count)
     ds = _maybe_cache(ds, info, local_count)
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
