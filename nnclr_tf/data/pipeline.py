@@ -221,7 +221,8 @@ def evaluation_dataset(dataset, split, data_dir=None, batch_size=256, image_size
     class-balanced subset of exactly round(fraction * N) examples (ImageNet: the official TFDS
     `imagenet2012_subset` for 0.01 / 0.1), and at least one example per class. The last batch is
     partial unless repeat=True; without repeat the dataset's cardinality (batches) is known, so
-    Keras' fit and learning-rate schedules can count its steps.
+    Keras' fit and learning-rate schedules can count its steps. holdout_fraction: the part of each
+    class an image folder without test/ holds out as "test" (the same in every call of a run).
     """
     if augment not in EVAL_AUGMENTATIONS:
         raise ValueError(f"Evaluation augment must be one of {EVAL_AUGMENTATIONS}, got {augment!r}.")
