@@ -133,3 +133,31 @@ def map(collection=None, space=None, output=None):  # pylint: disable=redefined-
           f"{os.path.join(output, 'projector')} (open it with: tensorboard --logdir "
           f"{os.path.join(output, 'projector')}).", flush=True)
     return picture
+
+
+def export_format(config, format, output=None, overwrite=False):  # pylint: disable=redefined-builtin
+    """`nnclr export --format=tflite|onnx`: the run's SavedModel (regenerated from its checkpoint),
+    converted; written to --output (default MODEL_DIR/encoder.tflite or encoder.onnx)."""
+    from nnclr_tf import export_formats  # pylint: disable=import-outside-toplevel
+    if format not in export_formats.FORMATS:
+        raise UsageError(f"--format={format!r} must be one of {', '.join(export_formats.FORMATS)}.")
+    model_dir = config.run.model_dir
+    path = output or os.path.join(model_dir, f"encoder.{format}")
+    if os.path.exists(path) and not overwrite and output:
+        raise UsageError(f"--output {output!r} already exists; pass --overwrite to replace it, or "
+                         "choose another --output.")
+    if format == "onnx":
+        try:
+            import tf2onnx  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+        except ImportError as error:
+            raise UsageError("--format=onnx needs tf2onnx, which is not installed; run "
+                             "`pip install nnclr_tf[onnx]`.") from error
+    from nnclr_tf import modes  # pylint: disable=import-outside-toplevel
+    saved_model = modes.export(config)["saved_model"]
+    write = export_formats.write_tflite if format == "tflite" else export_formats.write_onnx
+    write(saved_model, path)
+    from nnclr_tf import runs  # pylint: disable=import-outside-toplevel
+    info = runs.read_json(os.path.join(saved_model, "export.json"))
+    print(f"{format} encoder written to {path}: uint8 images [N, {info['image_size']}, "
+          f"{info['image_size']}, {info['channels']}] -> features, embeddings.", flush=True)
+    return path
