@@ -61,7 +61,7 @@ class NNCLRTest(parameterized.TestCase):
         model.compile(optimizer=keras.optimizers.Adam(3e-3))
         history = model.fit(dataset("dict_labels"), epochs=4, shuffle=False, verbose=0).history
         self.assertEqual(set(history),
-                         {"loss", "contrastive_acc", "nn_acc", "probe_loss", "probe_acc"})
+                         {"loss", "contrastive_acc", "nn_acc", "probe_loss", "probe_acc", "z_std"})
         self.assertLess(history["loss"][-1], history["loss"][0] - 0.2, history["loss"])
         self.assertEqual(int(model.support_set.count.numpy()), 4 * 64)
 
@@ -88,7 +88,7 @@ class NNCLRTest(parameterized.TestCase):
         model.compile(optimizer=keras.optimizers.SGD(0.01))
         history = model.fit(dataset(structure, n=32), epochs=1, shuffle=False, verbose=0).history
         with_labels = structure.endswith("labels")
-        expected = {"loss", "contrastive_acc"}
+        expected = {"loss", "contrastive_acc", "z_std"}
         if with_labels:
             expected |= {"nn_acc", "probe_loss", "probe_acc"}
         self.assertEqual(set(history), expected)
