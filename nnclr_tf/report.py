@@ -82,20 +82,21 @@ def raw_pixel_scores(config: Config, num_classes: int) -> dict:
     The baseline every learned representation has to beat, through the very same kNN and linear
     probe (so it also checks them). Sized for small images: 28x28x1 gives 784 features.
     """
-    d = config.data
-    size, channels = d.image_size, dataset_info(d.dataset, d.eval_split, d.data_dir,
-                                                   holdout_fraction=d.holdout_fraction).image_shape[-1]
+    size, channels = config.data.image_size, _channels(config)
     flatten = keras.layers.Flatten(dtype="float32")  # float32 even under a mixed policy
     pixels = keras.Sequential([keras.Input((size, size, channels)), flatten], name="raw_pixels")
     return encoder_scores(pixels, config, num_classes)
 
 
+def _channels(config: Config) -> int:
+    d = config.data
+    return dataset_info(d.dataset, d.eval_split, d.data_dir,
+                        holdout_fraction=d.holdout_fraction).image_shape[-1]
+
+
 def raw_pixel_features(config: Config) -> int:
     """The length of a raw-pixel feature vector: image_size^2 x channels."""
-    d = config.data
-    channels = dataset_info(d.dataset, d.eval_split, d.data_dir,
-                            holdout_fraction=d.holdout_fraction).image_shape[-1]
-    return d.image_size * d.image_size * channels
+    return config.data.image_size ** 2 * _channels(config)
 
 
 def random_encoder(config: Config, input_shape):
