@@ -29,6 +29,7 @@ CASES = [
     ("bad flag value", [*TINY, "--batch_size=0"]),
     ("flag of the wrong type", [*TINY, "--batch_size=abc"]),
     ("unknown dataset", [*TINY, "--dataset=cifar11"]),
+    ("dataset not prepared (offline)", [*TINY, "--dataset=cifar10"]),
     ("unknown backbone", [*TINY, "--backbone=resnet51"]),
     ("malformed --set", [*TINY, "--set=model.queue_size"]),
     ("unknown --set field", [*TINY, "--set=model.queue_sise=8"]),
