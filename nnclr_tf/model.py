@@ -297,14 +297,16 @@ class NNCLR(keras.Model):
         pairs = [(g, v) for g, v in zip(tape.gradient(scaled, variables), variables)
                  if g is not None]
         self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
-        self.support_set.enqueue(gather(z_1), None if labels is None else gather(labels))
+        queued = gather(z_1)  # the global batch's z_1, in replica order
+        self.support_set.enqueue(queued, None if labels is None else gather(labels))
 
         self.loss_tracker.update_state(loss)
         g_p_1, g_p_2 = gathered[2:] if gathered is not None else (None, None)
         self.contrastive_acc_tracker.update_state(0.5 * (  # over the global batch's columns
             contrastive_accuracy(anchors_1, p_2, predictions_global=g_p_2, label_offset=offset)
             + contrastive_accuracy(anchors_2, p_1, predictions_global=g_p_1, label_offset=offset)))
-        self.z_std_tracker.update_state(tf.reduce_mean(tf.math.reduce_std(z_1, axis=0)))
+        # Over the global batch, so that it is the same number under any number of replicas.
+        self.z_std_tracker.update_state(tf.reduce_mean(tf.math.reduce_std(queued, axis=0)))
         logs = [self.loss_tracker, self.contrastive_acc_tracker, self.z_std_tracker]
         if labels is not None:
             self.nn_acc_tracker.update_state(
