@@ -282,6 +282,9 @@ class _Progress:
             return
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
+        if final:
+            print(f"embedded {self.done} new images ({rate:.0f} img/s)", flush=True)
+            return
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         print(f"embedded {self.done}/{self.total} images, {rate:.0f} img/s, "
               f"ETA {left:.0f} s", flush=True)

@@ -218,3 +218,13 @@ def test_faiss_missing_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "q.png").write_bytes(b"")
     with pytest.raises(collection_modes.UsageError, match=r"pip install nnclr_tf\[search\]"):
         collection_modes.search(collection="c", queries=[str(tmp_path / "q.png")], index="faiss")
+
+
+def test_faiss_index_finds_the_exact_neighbours_of_a_small_collection():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(6)
+    rows = collection.normalise(rng.normal(size=(500, 16)))
+    _, exact = search.exact_search(rows[:20], rows, k=5)
+    _, approximate = search.faiss_search(search.faiss_index(rows), rows[:20], 5)
+    np.testing.assert_array_equal(approximate[:, 0], np.arange(20))
+    assert np.mean([len(set(a) & set(e)) for a, e in zip(approximate, exact)]) >= 4.5
