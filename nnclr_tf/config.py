@@ -104,6 +104,7 @@ class RunConfig:
     log_every_steps: int = 50
     export: bool = True
     report: bool = True
+    allow_config_change: bool = False  # resume a model dir with other trained settings (--allow_config_change)
 
 
 @dataclass(frozen=True)

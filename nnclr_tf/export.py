@@ -138,8 +138,23 @@ def _is_nonempty(path):
     )
 
 
+def _copy_tree(source, target):
+    for folder, _, files in tf.io.gfile.walk(source):
+        into = target + folder[len(source):]
+        tf.io.gfile.makedirs(into)
+        for name in files:
+            tf.io.gfile.copy(f"{folder}/{name}", f"{into}/{name}", overwrite=True)
+
+
 def _replace(tmp_path, path):
     """Moves `tmp_path` to `path`, keeping the old `path` until the move succeeded."""
+    if "://" in path:
+        # Object stores have no folders to rename (gs:// renames file by file, ram:// loses the
+        # files): the new files are copied in; the caller deletes `tmp_path`.
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        _copy_tree(tmp_path, path)
+        return
     backup = None
     if tf.io.gfile.exists(path):
         if tf.io.gfile.isdir(path) and not tf.io.gfile.listdir(path):
@@ -287,7 +302,9 @@ def export_encoder(encoder, path, image_size, channels, projection_head=None, ov
     parent = os.path.dirname(os.path.abspath(path)) if "://" not in path else None
     if parent:
         tf.io.gfile.makedirs(parent)
-    tmp_path = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    # Beside `path`, under a name that does not start with its name (ram:// matches prefixes).
+    head, name = os.path.split(path.rstrip("/"))
+    tmp_path = os.path.join(head, f"tmp-{uuid.uuid4().hex[:8]}-{name}")
     try:
         archive.write_out(tmp_path, verbose=False)
         with tf.io.gfile.GFile(f"{tmp_path}/{INFO_FILE}", "w") as handle:
