@@ -57,6 +57,8 @@ flags.DEFINE_string("mixed_precision", None, f"One of: {', '.join(cfg.PRECISIONS
 flags.DEFINE_boolean("jit_compile", None, "Compile the train step with XLA.")
 flags.DEFINE_integer("seed", None, "Random seed.")
 flags.DEFINE_boolean("download", None, "Allow TFDS to download and prepare a dataset (needs network).")
+flags.DEFINE_boolean("allow_config_change", None, "pretrain: continue a --model_dir with other settings "
+                     "(batch size, learning rate, steps, ...); its config_history.jsonl keeps them.")
 flags.DEFINE_multi_string("set", [], "Override any config field: --set section.field=value, e.g. "
                           "--set model.top_k=5 --set augment.preset=crops. See `nnclr show_config`.")
 flags.DEFINE_string("output", None, "export: where to write the SavedModel (default "
@@ -83,7 +85,7 @@ _FLAG_FIELDS = {
     "queue_size": "model.queue_size", "temperature": "model.temperature", "backbone": "model.backbone",
     "image_size": "data.image_size", "strategy": "run.strategy", "cpu_replicas": "run.cpu_replicas",
     "mixed_precision": "run.mixed_precision", "jit_compile": "run.jit_compile", "seed": "run.seed",
-    "download": "data.download",
+    "download": "data.download", "allow_config_change": "run.allow_config_change",
 }
 
 
@@ -120,7 +122,8 @@ _EVAL_FLAGS = ("model_dir", "data_dir", "dataset", "download", "set", "preset", 
 _MODE_FLAGS = {
     "pretrain": ("preset", "dataset", "data_dir", "model_dir", "batch_size", "epochs", "train_steps",
                  "backbone", "image_size", "queue_size", "temperature", "mixed_precision", "strategy",
-                 "cpu_replicas", "jit_compile", "seed", "download", "set", "debug"),
+                 "cpu_replicas", "jit_compile", "seed", "download", "allow_config_change", "set",
+                 "debug"),
     "knn": _EVAL_FLAGS, "linear_eval": _EVAL_FLAGS, "finetune": _EVAL_FLAGS, "transfer": _EVAL_FLAGS,
     "export": ("model_dir", "output", "overwrite", "debug"),
 }

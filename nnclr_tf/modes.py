@@ -24,6 +24,7 @@ def pretrain(config: Config, output=None) -> dict:
 
 def _pretrained(config: Config):
     from nnclr_tf import train
+    RunDir(config.run.model_dir).check_writable()  # results go there: refused before the work
     model, saved = train.load_pretrained(config.run.model_dir)
     return model, saved
 
@@ -50,8 +51,8 @@ def _eval_datasets(config: Config, augment_train=None, label_fraction=None):
 
 
 def _finish(config: Config, results, name: str) -> dict:
-    text = evaluate.write_results(results, config.run.model_dir, name)
-    print(text, flush=True)
+    print(evaluate.results_markdown(results), flush=True)  # first: a failed write loses nothing
+    evaluate.write_results(results, config.run.model_dir, name)
     return results
 
 
