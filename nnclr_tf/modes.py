@@ -59,12 +59,17 @@ def _finish(config: Config, results, name: str) -> dict:
 def knn(config: Config, output=None) -> dict:
     model, _ = _pretrained(config)
     info, train, test = _eval_datasets(config)
-    bank_x, bank_y = evaluate.extract_features(model.encoder, train)
-    query_x, query_y = evaluate.extract_features(model.encoder, test)
-    result = evaluate.knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=info.num_classes,
+    result = evaluate.knn_evaluate(model.encoder, train, test, num_classes=info.num_classes,
                                    k=config.eval.knn_k, temperature=config.eval.knn_temperature)
-    return _finish(config, {"protocol": "knn", "dataset": config.data.dataset,
-                            "k": config.eval.knn_k, **result}, "knn")
+    return _finish(config, {"protocol": "knn", "dataset": config.data.dataset, **_splits(config),
+                            **result}, "knn")
+
+
+def _splits(config: Config, num_train=None) -> dict:
+    """The splits (and training examples) a results file was measured on: its protocol."""
+    d = config.data
+    counts = {} if num_train is None else {"num_train": int(num_train)}
+    return {"train_split": d.eval_train_split, "test_split": d.eval_split, **counts}
 
 
 def linear_eval(config: Config, output=None) -> dict:
@@ -73,8 +78,9 @@ def linear_eval(config: Config, output=None) -> dict:
     info, train, test = _eval_datasets(config, augment_train="crop_flip")
     result = evaluate.linear_evaluation(model.encoder, train, test, num_classes=info.num_classes,
                                         epochs=e.linear_epochs, learning_rate=e.linear_learning_rate)
-    return _finish(config, {"protocol": "linear_eval", "dataset": config.data.dataset, **result},
-                   "linear_eval")
+    return _finish(config, {"protocol": "linear_eval", "dataset": config.data.dataset,
+                            **_splits(config, info.num_examples), "batch_size": e.linear_batch_size,
+                            "augment": "crop_flip", **result}, "linear_eval")
 
 
 def finetune(config: Config, output=None) -> dict:
@@ -84,8 +90,11 @@ def finetune(config: Config, output=None) -> dict:
     result = evaluate.fine_tune(model.encoder, train, test, num_classes=info.num_classes,
                                 epochs=e.finetune_epochs, learning_rate=e.finetune_learning_rate)
     scores = result[0] if isinstance(result, tuple) else result
+    num_train = subset_size(e.label_fraction, info.num_examples)
     return _finish(config, {"protocol": "finetune", "label_fraction": e.label_fraction,
-                            "dataset": config.data.dataset, **scores}, "finetune")
+                            "dataset": config.data.dataset, **_splits(config, num_train),
+                            "batch_size": e.linear_batch_size, "augment": "crop_flip", **scores},
+                   "finetune")
 
 
 def transfer(config: Config, output=None) -> dict:
