@@ -20,7 +20,8 @@
 #   VENV        the virtual environment to create                (.venv-gpu)
 #   WHEELHOUSE  a folder of wheels for a machine without network (pip download them elsewhere:
 #               pip download -d wheels "tensorflow[and-cuda]==2.21.0" -r requirements.txt)
-# Budget on one GPU: install 2-5 min with network, then about 1 min per row (7 processes).
+# Not yet run on a GPU. On CPU (DEVICE=cpu STEPS=2 CHECK_STEPS=3 XLA=off) it took 5.5 min; a GPU run
+# starts 6 measuring processes (8 with float32 rows), each importing TensorFlow and building the model.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
