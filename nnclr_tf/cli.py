@@ -34,6 +34,7 @@ MODES = {
     "embed": "embed a folder (or a TFDS split) with an encoder into a collection folder; resumable",
     "search": "the --k nearest images of a --collection to each --query image (table and picture)",
     "duplicates": "near-duplicate groups of a --collection above a cosine --threshold (never deletes)",
+    "map": "a 2-D map of a --collection coloured by label (PNG) and a TensorBoard projector export",
 }
 
 FLAGS = flags.FLAGS
@@ -62,7 +63,8 @@ flags.DEFINE_boolean("allow_config_change", None, "pretrain: continue a --model_
 flags.DEFINE_multi_string("set", [], "Override any config field: --set section.field=value, e.g. "
                           "--set model.top_k=5 --set augment.preset=crops. See `nnclr show_config`.")
 flags.DEFINE_string("output", None, "export: where to write the SavedModel (default "
-                    "MODEL_DIR/saved_model, which is always regenerated).")
+                    "MODEL_DIR/saved_model, which is always regenerated). embed: the collection "
+                    "folder; search: the picture; duplicates, map: the report folder.")
 flags.DEFINE_boolean("overwrite", False, "export: replace an existing --output.")
 flags.DEFINE_boolean("debug", False, "Show full tracebacks for errors.")
 # embed / search / duplicates (nnclr_tf/collection_modes.py)
@@ -76,8 +78,10 @@ flags.DEFINE_string("index", "exact", "search: exact (chunked) or faiss (approxi
                     "pip install nnclr_tf[search]).")
 flags.DEFINE_float("threshold", None, "duplicates: cosine similarity from which two images are "
                    "near-duplicates (default measured on planted copies, see nnclr_tf/duplicates.py).")
-flags.DEFINE_string("space", "features", "search, duplicates: compare the encoder's features or the "
-                    "projection head's embeddings.")
+flags.DEFINE_string("format", "savedmodel", "export: savedmodel, tflite (LiteRT; uint8 images at the "
+                    "encoder's size) or onnx (pip install nnclr_tf[onnx]).")
+flags.DEFINE_string("space", None, "search, duplicates: compare the encoder's features (search's "
+                    "default), the projection head's embeddings, or 8x8 thumbnails (duplicates' default).")
 
 _FLAG_FIELDS = {
     "dataset": "data.dataset", "data_dir": "data.data_dir", "model_dir": "run.model_dir",
@@ -125,14 +129,15 @@ _MODE_FLAGS = {
                  "cpu_replicas", "jit_compile", "seed", "download", "allow_config_change", "set",
                  "debug"),
     "knn": _EVAL_FLAGS, "linear_eval": _EVAL_FLAGS, "finetune": _EVAL_FLAGS, "transfer": _EVAL_FLAGS,
-    "export": ("model_dir", "output", "overwrite", "debug"),
+    "export": ("model_dir", "output", "overwrite", "format", "debug"),
 }
 _MODE_FLAGS["show_config"] = _MODE_FLAGS["pretrain"]
 _MODE_FLAGS.update(
     embed=("encoder", "input", "dataset", "split", "data_dir", "output", "batch_size", "overwrite",
            "debug"),
     search=("collection", "query", "k", "index", "space", "encoder", "output", "debug"),
-    duplicates=("collection", "threshold", "space", "output", "debug"))
+    duplicates=("collection", "threshold", "space", "output", "debug"),
+    map=("collection", "space", "output", "debug"))
 _MAIN_FLAGS = ("preset", "dataset", "data_dir", "model_dir", "batch_size", "train_steps", "backbone",
                "set", "output", "overwrite")
 
@@ -145,7 +150,9 @@ def _default(name: str, mode: str | None) -> str:
     if name == "preset":
         return FLAGS.preset or "demo"
     if name == "output":
-        return "MODEL_DIR/saved_model"
+        return {"embed": "none, required", "search": "search.png",
+                "duplicates": "COLLECTION_duplicates", "map": "COLLECTION_map"}.get(
+                    mode, "MODEL_DIR/saved_model")
     if name == "set":
         return "none"
     key = _FLAG_FIELDS.get(name)
@@ -200,7 +207,7 @@ def show_help(argv, full: bool = False) -> None:
 
 
 def _run_mode(mode: str) -> None:
-    if mode in ("embed", "search", "duplicates"):  # no config: they use an exported encoder
+    if mode in ("embed", "search", "duplicates", "map"):  # no config: they use an exported encoder
         from nnclr_tf import collection_modes
         values = {name: FLAGS[name].value for name in _MODE_FLAGS[mode] if name != "debug"}
         for flag, name in (("input", "inputs"), ("query", "queries")):
@@ -216,7 +223,10 @@ def _run_mode(mode: str) -> None:
 
     from nnclr_tf import modes  # TensorFlow loads only once the arguments are known to be good
     tfds.disable_progress_bar()
-    if mode == "export":
+    if mode == "export" and FLAGS.format != "savedmodel":
+        from nnclr_tf import collection_modes
+        collection_modes.export_format(config, FLAGS.format, FLAGS.output, FLAGS.overwrite)
+    elif mode == "export":
         modes.export(config, output=FLAGS.output, overwrite=FLAGS.overwrite)
     else:
         getattr(modes, mode)(config)

@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 # Plotted first, in this order; any other numeric column follows.
-KNOWN_METRICS = ("loss", "contrastive_acc", "nn_acc", "probe_loss", "probe_acc", "knn_top1")
+KNOWN_METRICS = ("loss", "contrastive_acc", "nn_acc", "z_std", "probe_loss", "probe_acc",
+                 "knn_top1")
 GRID_CELL_INCHES = 1.2
 GRID_DPI = 100
 _WRONG_COLOUR = "#e00000"
