@@ -7,7 +7,7 @@ results, classifier = fine_tune(encoder, (x_train, y_train), (x_test, y_test), n
 import keras
 
 from nnclr_tf.config import EvalConfig
-from nnclr_tf.evaluation.linear import (
+from nnclr_tf.evaluation.classifier import (
     compile_classifier,
     evaluate_classifier,
     steps_in,

@@ -13,11 +13,14 @@ import numpy as np
 import tensorflow as tf
 
 from nnclr_tf.config import EvalConfig
+from nnclr_tf.evaluation.classifier import (
+    compile_classifier,
+    evaluate_classifier,
+    steps_in,
+    training_data,
+)
 from nnclr_tf.evaluation.features import (
     accuracy_metrics,
-    as_dataset,
-    check_finite,
-    even_batches,
     extract_features,
     mean_per_class_accuracy,
 )
@@ -202,69 +205,6 @@ def linear_probe_evaluate(encoder, train_ds, test_ds, num_classes, **kwargs):
     test_x, test_y = extract_features(encoder, test_ds)
     results = linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes, **kwargs)
     return {**results, "num_train": len(train_y), "num_test": len(test_y)}
-
-
-def steps_in(dataset, steps_per_epoch, argument="train_ds"):
-    """Steps per epoch: `steps_per_epoch` if given, else the dataset's known cardinality."""
-    if steps_per_epoch is not None:
-        return int(steps_per_epoch)
-    steps = int(dataset.cardinality())
-    if steps <= 0:
-        raise ValueError(
-            f"{argument} has no known length (cardinality {steps}); pass steps_per_epoch so the "
-            "cosine learning-rate schedule knows how many steps to decay over."
-        )
-    return steps
-
-
-class ExampleCount(keras.metrics.Metric):
-    """The number of examples evaluated (rows of y_true), so results state their test size."""
-
-    def __init__(self, name="examples", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="count")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        self.count.assign_add(tf.cast(tf.shape(y_pred)[0], "float32"))
-
-    def result(self):
-        return self.count
-
-
-def compile_classifier(model, learning_rate, total_steps, momentum, weight_decay, num_classes):
-    """SGD with momentum on a cosine-decayed learning rate, top-1 / top-5 metrics."""
-    schedule = keras.optimizers.schedules.CosineDecay(
-        learning_rate, decay_steps=max(1, total_steps)
-    )
-    optimizer = keras.optimizers.SGD(
-        learning_rate=schedule, momentum=momentum, weight_decay=weight_decay or None
-    )
-    metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1")]
-    if num_classes >= 5:
-        metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"))
-    metrics.append(ExampleCount())
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=metrics,
-    )
-
-
-def evaluate_classifier(model, test_ds, num_classes):
-    """dict(top1, top5 (num_classes >= 5), num_test) of a compiled classifier on a finite dataset."""
-    check_finite(test_ds, "test_ds")
-    logs = model.evaluate(test_ds, verbose=0, return_dict=True)
-    keys = ("top1", "top5") if num_classes >= 5 else ("top1",)
-    return {**{key: float(logs[key]) for key in keys}, "num_test": int(logs["examples"])}
-
-
-def training_data(train_ds, test_ds, batch_size, seed):
-    """(train, test) datasets of (images, labels) from datasets or arrays; odd training batches
-    are doubled (`even_batches`), so no training step meets TensorFlow's odd-batch crash."""
-    train_ds = even_batches(as_dataset(train_ds, "train_ds", batch_size, shuffle=True, seed=seed))
-    test_ds = as_dataset(test_ds, "test_ds", batch_size)
-    check_finite(test_ds, "test_ds")
-    return train_ds, test_ds
 
 
 def linear_evaluation(
