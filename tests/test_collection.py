@@ -205,6 +205,9 @@ def test_commands_as_a_user_types_them(exported, tmp_path):
     assert (tmp_path / "search.png").stat().st_size > 0
     done = run_nnclr("duplicates", "--collection=photos.emb", cwd=tmp_path, check=True)
     assert (tmp_path / "photos.emb_duplicates" / "review.html").exists()
+    run_nnclr("map", "--collection=photos.emb", cwd=tmp_path, check=True)
+    assert (tmp_path / "photos.emb_map" / "map.png").stat().st_size > 0
+    assert (tmp_path / "photos.emb_map" / "projector" / "projector_config.pbtxt").exists()
     done = run_nnclr("embed", "--input=photos", "--output=x", cwd=tmp_path)
     assert done.returncode == 2 and "nnclr embed: error: Pass --encoder=" in done.stderr
 
