@@ -121,8 +121,11 @@ images = np.random.default_rng(0).uniform(size=(21, 8, 8, 1)).astype("float32")
 data = tf.data.Dataset.from_tensor_slices((images, np.arange(21))).batch(8)  # 8, 8, 5
 features, labels = evaluate.extract_features(encoder, data)
 expected = plain.predict(images, verbose=0)
-print(json.dumps({"rows": len(features), "labels": labels.tolist(),
-                  "error": float(np.max(np.abs(features - expected)))}))
+with strategy.scope():  # as the kNN monitor runs, inside model.fit
+    in_scope, _ = evaluate.extract_features(encoder, data)
+print(json.dumps({"rows": len(features), "labels": labels.tolist(), "scope_rows": len(in_scope),
+                  "error": float(np.max(np.abs(features - expected))),
+                  "scope_error": float(np.max(np.abs(in_scope - expected)))}))
 """
 
 
@@ -139,3 +142,4 @@ def test_features_of_a_model_built_under_two_replicas_have_one_row_per_image(tmp
     # Keras' predict under the strategy returned 42 rows for these 21 images.
     assert result["rows"] == 21 and result["labels"] == list(range(21))
     assert result["error"] < 1e-5
+    assert result["scope_rows"] == 21 and result["scope_error"] < 1e-5
