@@ -10,6 +10,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 from PIL import Image
 
+from conftest import tiny_encoder as shared_tiny_encoder
 from nnclr_tf import pictures
 
 CELL_PIXELS = int(pictures.GRID_CELL_INCHES * pictures.GRID_DPI)
@@ -33,12 +34,9 @@ def red_mask(pixels):
 
 
 def tiny_encoder(channels=1):
-    """[batch, 8, 8, channels] float [0, 1] -> [batch, 6]."""
+    """[batch, 8, 8, channels] float [0, 1] -> [batch, 8]: the shared tiny encoder, seeded."""
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, channels))
-    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(6)(x))
+    return shared_tiny_encoder((8, 8, channels), width=4)
 
 
 class TrainingCurvesTest(parameterized.TestCase):
