@@ -69,6 +69,9 @@ NOT_RUN = {
     "nnclr_tf.collection": "embeds the reader's photos (~/photos) with a trained run (runs/demo)",
     "nnclr_tf.duplicates": "reads photos.emb, written by collection.embed from the reader's photos",
     "nnclr_tf.search": "reads photos.emb and query.jpg, the reader's files",
+    "nnclr_tf.projection": "reads photos.emb, written by collection.embed from the reader's photos",
+    "nnclr_tf.collection_sources": "lists the reader's photos (~/photos)",
+    "nnclr_tf.export_formats": "converts the SavedModel of a trained run (runs/demo)",
     "nnclr_tf.data.folders": "scans /data/flowers, the reader's image folder; "
                              "tests/test_data_folder.py covers scan_folder and folder_dataset",
     "nnclr_tf.data.tfds_builder": "data_dir=... stands for the reader's TFDS folder; the "
