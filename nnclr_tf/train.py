@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 
@@ -28,6 +29,7 @@ from nnclr_tf import backbones, distribute, optim
 from nnclr_tf.callbacks import CSVLog, StopOnSignal, TensorBoard
 from nnclr_tf.config import Config, ConfigError, validate
 from nnclr_tf.data import dataset_info, pretraining_dataset
+from nnclr_tf.data.sources import is_folder
 from nnclr_tf.model import NNCLR
 from nnclr_tf.runs import (CheckpointCallback, RunDir, TrainingDivergedError, changed_settings,
                            checkpoint_step, model_checkpoint, restore_checkpoint, save_checkpoint)
@@ -137,6 +139,10 @@ def pretrain(config: Config, *, verbose="auto", callbacks=(), report: bool | Non
 
 
 def _pretrain(config, strategy, stop, verbose, callbacks, report) -> PretrainResult:
+    if is_folder(config.data.dataset):
+        # Recorded absolute, so that `nnclr knn --model_dir=...` finds the folder from any directory.
+        folder = os.path.abspath(os.path.expanduser(config.data.dataset))
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataset=folder))
     d, o, r = config.data, config.optim, config.run
     run_dir = RunDir(r.model_dir)
     chief = distribute.is_chief(strategy)

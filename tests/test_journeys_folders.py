@@ -44,14 +44,16 @@ def test_a_folder_of_class_folders_pretrains_and_evaluates_on_its_held_out_split
     bad = run_nnclr("pretrain", "--dataset=myimages", *TINY, "--model_dir=runs/bad",
                     "--set", "data.eval_split=valid", cwd=tmp_path, timeout=300)
     assert bad.returncode == 2, _output(bad)
-    assert "nnclr pretrain: error: Image folder 'myimages' has no split 'valid'" in bad.stderr
+    # The folder is recorded (and named in messages) by its absolute path.
+    folder = tmp_path / "myimages"
+    assert f"nnclr pretrain: error: Image folder '{folder}' has no split 'valid'" in bad.stderr
     assert "--set data.eval_split=test" in bad.stderr
     assert not list((tmp_path / "runs").glob("bad/**/ckpt-*")), "trained before checking"
 
     pretrain = run_nnclr("pretrain", "--dataset=myimages", *TINY, "--model_dir=runs/f",
                          cwd=tmp_path, timeout=600)
     assert pretrain.returncode == 0, _output(pretrain)[-3000:]
-    held_out = ("Image folder 'myimages' has no test/ sub-folder, so 6 of its 60 images (10 % of "
+    held_out = (f"Image folder '{folder}' has no test/ sub-folder, so 6 of its 60 images (10 % of "
                 "each class, chosen by file name; --set data.holdout_fraction=...) are held out "
                 "as its 'test' split and the other 54 are 'train'.")
     assert held_out in pretrain.stdout
@@ -60,7 +62,9 @@ def test_a_folder_of_class_folders_pretrains_and_evaluates_on_its_held_out_split
     # The report, the pretraining and the check read the folder several times: one warning.
     assert _output(pretrain).count("Skipped 2 of 62 files") == 1
 
-    knn = run_nnclr("knn", "--model_dir=runs/f", cwd=tmp_path, timeout=300)
+    # From another working directory: the run finds its folder.
+    (tmp_path / "elsewhere").mkdir()
+    knn = run_nnclr("knn", "--model_dir=../runs/f", cwd=tmp_path / "elsewhere", timeout=300)
     assert knn.returncode == 0, _output(knn)[-3000:]
     assert json.loads((tmp_path / "runs/f/knn.json").read_text())["top1"] > 0.8  # chance: 0.5
 
@@ -82,12 +86,12 @@ def test_a_flat_folder_pretrains_unlabelled_and_the_report_says_why_it_has_no_sc
     pretrain = run_nnclr("pretrain", "--dataset=photos", *TINY, "--model_dir=runs/p",
                          cwd=tmp_path, timeout=600)
     assert pretrain.returncode == 0, _output(pretrain)[-3000:]
-    assert ("Image folder 'photos' has no class sub-folders: its 24 images are unlabelled, so "
+    assert (f"Image folder '{tmp_path / 'photos'}' has no class sub-folders: its 24 images are unlabelled, so "
             "there are no kNN or linear-probe scores.") in pretrain.stdout
     assert "kNN top-1" not in pretrain.stdout
     knn = run_nnclr("knn", "--model_dir=runs/p", cwd=tmp_path, timeout=300)
     assert knn.returncode == 2, _output(knn)[-3000:]
-    assert "nnclr knn: error: Image folder 'photos' has no class sub-folders" in knn.stderr
+    assert f"nnclr knn: error: Image folder '{tmp_path / 'photos'}' has no class sub-folders" in knn.stderr
 
 
 def test_one_class_warns_once_and_a_folder_without_images_says_what_it_needs(tmp_path):

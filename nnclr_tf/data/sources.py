@@ -75,7 +75,7 @@ def to_channels(image, channels):
     return tf.image.rgb_to_grayscale(image)
 
 
-def _is_folder(name):
+def is_folder(name):
     """Paths that start like paths are folders; an existing folder that is no TFDS name is too."""
     expanded = os.path.expanduser(name)
     if name.startswith((os.sep, ".", "~")):
@@ -235,6 +235,6 @@ def resolve(dataset, split="train", data_dir=None, download=False, channels=None
         raise ValueError(f"dataset must be a non-empty name or folder path, got {dataset!r}.")
     if dataset in ALIASES or dataset.split("/")[0] == tfds_builder.BUILDER_NAME:
         return _tfds_source(dataset, ALIASES.get(dataset, dataset), split, data_dir, False, channels)
-    if _is_folder(dataset):
+    if is_folder(dataset):
         return _folder_source(dataset, split, channels, holdout_fraction)
     return _tfds_source(dataset, dataset, split, data_dir, download, channels)
