@@ -54,7 +54,8 @@ class EmbeddedTest(parameterized.TestCase):
         handler.emit = lambda record: cls.logged.append(record.getMessage())
         logger = logging.getLogger("nnclr_tf")
         logger.addHandler(handler)
-        level, logger.level = logger.level, logging.INFO
+        level = logger.level
+        logger.setLevel(logging.INFO)  # setLevel, not .level =: it clears the loggers' cached levels
         try:
             with mock.patch.object(socket, "getaddrinfo", _no_network), \
                     mock.patch.object(socket.socket, "connect", _no_network), \

@@ -348,6 +348,9 @@ def test_mixed_float16_step_is_loss_scaled():
     assert int(model.optimizer.step_counter.numpy()) == 1  # finite gradients: the step was applied
     assert float(model.optimizer.dynamic_scale.numpy()) == 256.0
     assert abs(logs["loss"] - want_logs["loss"]) < 1e-2
+    # Each weight's update, as a whole, within 10 % of float32's (measured: at most 4.6 %; an
+    # unscaled update would be off by 100 %, a doubly scaled one by 25,500 %). Not element by element:
+    # one of a thousand float16 values lands 5 % of the tensor's largest away, depending on the CPU.
     for got, expected in zip(moved, want):
-        scale = np.abs(expected).max()
-        np.testing.assert_allclose(got, expected, rtol=0, atol=0.05 * scale + 1e-6)
+        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert error < 0.1, (got.shape, error)

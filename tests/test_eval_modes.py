@@ -49,12 +49,12 @@ def results(model_dir, name):
 
 
 # The tiny run's 4 steps leave batch norm's moving statistics near their initial values, so the
-# frozen features are badly scaled for SGD: the linear modes get a larger learning rate and a few
-# epochs here to show that they learn at all.
+# frozen features are badly scaled: linear_eval's head standardises them (its batch norm), and
+# finetune gets a larger learning rate; both a few epochs, to show that they learn at all.
 @pytest.mark.parametrize("mode, extra, expected, least", [
     ("knn", [], {"protocol": "knn", "k": 5, "temperature": 0.1, "num_bank": 10000}, 0.3),
-    ("linear_eval", ["--set=eval.linear_epochs=3", "--set=eval.linear_learning_rate=1.0"],
-     {"protocol": "linear_eval", "epochs": 3, "num_train": 10000}, 0.15),
+    ("linear_eval", ["--set=eval.linear_epochs=3"],
+     {"protocol": "linear_eval", "epochs": 3, "num_train": 10000}, 0.2),
     ("finetune", ["--set=eval.label_fraction=0.1", "--set=eval.finetune_epochs=5",
                   "--set=eval.finetune_learning_rate=0.1"],
      {"protocol": "finetune", "label_fraction": 0.1, "num_train": 1000}, 0.13),
@@ -69,7 +69,7 @@ def test_mode_writes_json_and_markdown_and_scores_above_chance(run, mode, extra,
     assert values.get("num_test", values.get("num_queries")) == 2000
     # 10 classes: the embedded Fashion-MNIST subset; chance is 0.1, one standard error on 2,000
     # test images 0.007, so `least` is more than 4 of them above chance (measured here: kNN 0.70,
-    # linear 0.19, finetune 0.17).
+    # linear 0.28, finetune 0.17).
     assert least <= values["top1"] <= values["top5"] <= 1.0
     assert markdown.startswith("| dataset | top1 (%) | top5 (%) |")
     assert markdown in done.stdout

@@ -415,7 +415,7 @@ class InputTest(parameterized.TestCase):
         train, test = colour_images(96, 3, seed=0), colour_images(60, 3, seed=1)
         dicts = tf.data.Dataset.from_tensor_slices({"image": train[0], "label": train[1]}).batch(8)
         results = evaluate.linear_evaluation(
-            counting_encoder(), dicts, test, 3, epochs=4, learning_rate=0.5, batch_size=8
+            counting_encoder(), dicts, test, 3, epochs=4, learning_rate=0.1, batch_size=8
         )
         self.assertGreaterEqual(results["top1"], 0.9)
         self.assertEqual(results["num_test"], 60)

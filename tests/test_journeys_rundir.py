@@ -144,3 +144,18 @@ def test_read_only_model_dir_is_one_sentence_before_any_work(
     for parent, _, _ in os.walk(run):
         os.chmod(parent, 0o755)
     assert _files(run) == before
+
+
+@pytest.mark.slow
+def test_the_readme_default_job_twice_resumes(tmp_path, embedded_data_dir):
+    """README: `nnclr pretrain` (the demo preset, minutes), then the same command again: the second
+    run resumes from the first one's last checkpoint and does not train again."""
+    first = run_nnclr("pretrain", cwd=tmp_path, data_dir=embedded_data_dir, timeout=1800, check=True)
+    assert "trained" in first.stdout and (tmp_path / "runs/demo/saved_model/saved_model.pb").exists()
+    checkpoints = tmp_path / "runs" / "demo" / "checkpoints"
+    before = _files(checkpoints)
+    last = max(int(p.name[len("ckpt-"):-len(".index")]) for p in checkpoints.glob("ckpt-*.index"))
+    again = run_nnclr("pretrain", cwd=tmp_path, data_dir=embedded_data_dir, timeout=1800, check=True)
+    assert f"Resumed from runs/demo/checkpoints/ckpt-{last} at step {last}." in again.stderr
+    assert f"already holds a finished run of {last} steps" in again.stderr
+    assert _files(checkpoints) == before

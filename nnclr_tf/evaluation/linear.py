@@ -225,7 +225,9 @@ def linear_evaluation(
 
     The encoder is called with `training=False` and is not trainable during the fit (its
     `trainable` flag is restored afterwards), so its weights and batch-norm statistics never
-    change. The head has no batch norm; SGD with momentum follows a cosine decay to 0.
+    change. The head is batch norm without scale (SimCLR's linear-evaluation head) then Dense: it
+    sees standardised features whatever their scale, so one learning rate serves every encoder.
+    SGD with momentum follows a cosine decay to 0.
 
     Args:
       encoder: keras.Model, images [batch, H, W, C] float in [0, 1] -> features [batch, D].
@@ -247,6 +249,9 @@ def linear_evaluation(
     encoder.trainable = False
     try:
         features = encoder(inputs, training=False)
+        # Momentum 0.9 (SimCLR's): short protocols still end with settled moving statistics.
+        features = keras.layers.BatchNormalization(scale=False, momentum=0.9, dtype="float32",
+                                                   name="feature_norm")(features)
         logits = keras.layers.Dense(num_classes, dtype="float32", name="linear_head")(features)
         classifier = keras.Model(inputs, logits, name="linear_evaluation")
         compile_classifier(
