@@ -75,6 +75,7 @@ def test_mode_writes_json_and_markdown_and_scores_above_chance(run, mode, extra,
     assert markdown in done.stdout
 
 
+@pytest.mark.slow  # extracts features of every available dataset; transfer_suite is unit-tested
 def test_transfer_writes_table_with_skip_reasons(run):
     common, model_dir, root = run
     folder = str(root / "folder")

@@ -96,6 +96,7 @@ def test_config_and_backbones_agree_on_the_smallest_image():
             assert cfg.min_image_size(cifar_stem) == backbones.min_image_size(name, cifar_stem)
 
 
+@pytest.mark.slow  # trains a ResNet-50; the config-level checks above run by default
 def test_resnet50_from_the_tiny_preset_trains_at_once(tmp_path, embedded_data_dir):
     run_nnclr("pretrain", "--preset=tiny", "--backbone=resnet50", "--train_steps=1",
               "--model_dir=runs/r50", "--set=run.report=false", "--set=run.export=false",

@@ -228,7 +228,8 @@ def _run_until_blocked(command, timeout, stderr=subprocess.DEVNULL, **popen):
     raise AssertionError(f"{command} ended (exit {process.wait()}) without reaching its block step")
 
 
-@pytest.mark.parametrize("top_k", [1, 3])  # 3: the neighbour is sampled, statelessly
+# 3: the neighbour is sampled, statelessly (slow: the default suite keeps top_k=1)
+@pytest.mark.parametrize("top_k", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_sigkilled_pretrain_resumes_and_ends_bit_identical(tmp_path, data_dir, top_k):
     common = ["--preset=tiny", f"--data_dir={data_dir}", "--train_steps=8",
               "--set=run.checkpoint_every_steps=2", "--set=run.deterministic=true",
