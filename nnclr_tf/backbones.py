@@ -107,12 +107,17 @@ def _conv(x, filters, kernel_size, strides, name):
     )(x)
 
 
+def _shortcut(x, outputs, strides, synchronized_bn, name):
+    """The identity, or a strided 1x1 projection + BN where the block changes size or channels."""
+    if strides == 1 and x.shape[-1] == outputs:
+        return x
+    shortcut = _conv(x, outputs, 1, strides, name=f"{name}_shortcut_conv")
+    return _batch_norm(shortcut, synchronized_bn, name=f"{name}_shortcut_bn")
+
+
 def _basic_block(x, filters, strides, synchronized_bn, zero_init_residual, name):
     """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut: [b, h, w, c] -> [b, h/s, w/s, filters]."""
-    shortcut = x
-    if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv(x, filters, 1, strides, name=f"{name}_shortcut_conv")
-        shortcut = _batch_norm(shortcut, synchronized_bn, name=f"{name}_shortcut_bn")
+    shortcut = _shortcut(x, filters, strides, synchronized_bn, name)
     y = _conv(x, filters, 3, strides, name=f"{name}_conv1")
     y = _batch_norm(y, synchronized_bn, name=f"{name}_bn1")
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
@@ -127,10 +132,7 @@ def _bottleneck_block(x, filters, strides, synchronized_bn, zero_init_residual, 
     """1x1 -> 3x3 (stride here: v1.5) -> 1x1 to 4 x filters, with an identity or 1x1 projection
     shortcut: [b, h, w, c] -> [b, h/s, w/s, 4 * filters]."""
     outputs = _BOTTLENECK_EXPANSION * filters
-    shortcut = x
-    if strides != 1 or x.shape[-1] != outputs:
-        shortcut = _conv(x, outputs, 1, strides, name=f"{name}_shortcut_conv")
-        shortcut = _batch_norm(shortcut, synchronized_bn, name=f"{name}_shortcut_bn")
+    shortcut = _shortcut(x, outputs, strides, synchronized_bn, name)
     y = _conv(x, filters, 1, 1, name=f"{name}_conv1")
     y = _batch_norm(y, synchronized_bn, name=f"{name}_bn1")
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
