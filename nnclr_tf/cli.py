@@ -273,6 +273,20 @@ _HELP = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "help")
 _HELP_FULL = ("--helpfull", "-helpfull")
 
 
+def parse_flags(argv):
+    """absl's flag parsing, with a flag error as the CLI's one sentence and exit 2 (absl's own
+    parser prints "FATAL Flags parsing error" and exits 1)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        mode = next((word for word in argv[1:] if not word.startswith("-")), None)
+        detail = str(error).replace("invalid literal for int() with base 10:", "expected an integer, got")
+        prefix = f"nnclr {mode}" if mode in MODES else "nnclr"
+        print(f"{prefix}: error: {detail}; see nnclr {mode + ' ' if mode in MODES else ''}--help.",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def run() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -282,7 +296,7 @@ def run() -> None:
         rest = [word for word in words if word not in asked]
         app.run(functools.partial(show_help, full=any(w in _HELP_FULL for w in asked)),
                 argv=[sys.argv[0], *rest])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,20 @@ def exists(path: str) -> bool:
     return tf.io.gfile.exists(path)
 
 
+def _outermost_missing(path: str) -> str | None:
+    """The outermost folder of the local `path` that does not exist yet (None if `path` exists, or
+    is remote: object stores have no folders to leave behind)."""
+    if "://" in path:
+        return None
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
 def makedirs(path: str) -> None:
     """Creates `path` and its parents, if missing (a no-op on object stores)."""
     tf.io.gfile.makedirs(path)
@@ -125,6 +139,7 @@ class RunDir:
     def check_writable(self) -> None:
         """Raises ConfigError unless a file can be created in the model dir (call before any work)."""
         probe = self.file(f".write-probe-{uuid.uuid4().hex[:8]}")
+        created = _outermost_missing(self.path)
         try:
             makedirs(self.path)
             with tf.io.gfile.GFile(probe, "w") as handle:
@@ -134,6 +149,11 @@ class RunDir:
             raise ConfigError(
                 f"Model dir {self.path!r} is not writable ({_reason(error)}); make it writable or "
                 "free some space, or choose another --model_dir.") from error
+        finally:
+            # The folders the probe made go again: a run refused later (unknown dataset, ...)
+            # leaves no empty model dir behind. Every later write makes its folder itself.
+            if created is not None and tf.io.gfile.isdir(created):
+                tf.io.gfile.rmtree(created)
 
     def check_claim(self, config: Config, input_shape, num_classes: int) -> Config | None:
         """Raises ConfigError if the model dir is a file or holds checkpoints of another architecture.

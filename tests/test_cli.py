@@ -48,6 +48,8 @@ def test_pretrain_evaluate_export_end_to_end(tmp_path, embedded_data_dir):
     ("--backbone=resnet19", "Unknown backbone 'resnet19'"),
     ("--set=model.top_k", "must look like section.field=value"),
     ("--output=exported", "--output is used by `nnclr export` only"),
+    ("--batch_size=abc", "nnclr pretrain: error: flag --batch_size=abc: expected an integer, got 'abc'"),
+    ("--no_such_flag=1", "nnclr pretrain: error: Unknown command line flag 'no_such_flag'"),
 ])
 def test_bad_flag_values_fail_with_one_sentence(tmp_path, embedded_data_dir, flag, message):
     done = run_nnclr("pretrain", "--preset=tiny", "--model_dir=runs/x", flag, cwd=tmp_path,
@@ -55,7 +57,7 @@ def test_bad_flag_values_fail_with_one_sentence(tmp_path, embedded_data_dir, fla
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr
     assert "Traceback" not in done.stderr
-    assert not (tmp_path / "runs" / "x" / "checkpoints").exists()
+    assert not (tmp_path / "runs").exists()  # nothing left behind, not even an empty model dir
 
 
 def test_unknown_or_missing_mode_is_a_usage_error(tmp_path):
