@@ -85,6 +85,9 @@ class EvalConfig:
     linear_batch_size: int = 1024
     finetune_epochs: int = 30
     finetune_learning_rate: float = 0.01
+    # Capped so that an epoch of the labelled subset has at least 8 steps (1 % of a small set would
+    # otherwise be one step per epoch); the batch used is in finetune.json.
+    finetune_batch_size: int = 256
     label_fraction: float = 0.01
     max_eval_examples: int = 0  # 0: the whole split
     transfer_datasets: tuple[str, ...] = ()

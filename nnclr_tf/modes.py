@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import tensorflow as tf
 
@@ -12,7 +11,7 @@ from nnclr_tf import evaluate
 from nnclr_tf.config import Config, ConfigError
 from nnclr_tf.data import dataset_info, evaluation_dataset
 from nnclr_tf.data.subsets import subset_size
-from nnclr_tf.runs import RunDir, write_json
+from nnclr_tf.runs import RunDir
 
 log = logging.getLogger("nnclr_tf")
 
@@ -29,13 +28,14 @@ def _pretrained(config: Config):
     return model, saved
 
 
-def _eval_datasets(config: Config, augment_train=None, label_fraction=None):
+def _eval_datasets(config: Config, augment_train=None, label_fraction=None, batch_size=None):
     d, e = config.data, config.eval
+    batch_size = batch_size or e.linear_batch_size
     info = dataset_info(d.dataset, d.eval_train_split, data_dir=d.data_dir,
                         holdout_fraction=d.holdout_fraction)
     train = evaluation_dataset(d.dataset, d.eval_train_split, data_dir=d.data_dir,
                                holdout_fraction=d.holdout_fraction,
-                               batch_size=e.linear_batch_size, image_size=d.image_size,
+                               batch_size=batch_size, image_size=d.image_size,
                                augment=augment_train, label_fraction=label_fraction,
                                seed=config.run.seed, shuffle=augment_train is not None)
     if label_fraction is not None and train.cardinality() < 0:
@@ -43,7 +43,7 @@ def _eval_datasets(config: Config, augment_train=None, label_fraction=None):
         # knows its steps (for the cosine schedule) and starts each epoch from the beginning.
         count = subset_size(label_fraction, info.num_examples)
         train = train.apply(tf.data.experimental.assert_cardinality(
-            math.ceil(count / e.linear_batch_size)))
+            math.ceil(count / batch_size)))
     test = evaluation_dataset(d.dataset, d.eval_split, data_dir=d.data_dir,
                               holdout_fraction=d.holdout_fraction,
                               batch_size=e.linear_batch_size, image_size=d.image_size)
@@ -83,17 +83,26 @@ def linear_eval(config: Config, output=None) -> dict:
                             "augment": "crop_flip", **result}, "linear_eval")
 
 
+def finetune_batch_size(requested: int, num_train: int) -> int:
+    """`requested`, capped so that an epoch of `num_train` examples has at least 8 steps (even, >= 2)."""
+    return max(2, min(int(requested), num_train // 8) // 2 * 2)
+
+
 def finetune(config: Config, output=None) -> dict:
     model, _ = _pretrained(config)
-    e = config.eval
-    info, train, test = _eval_datasets(config, augment_train="crop_flip", label_fraction=e.label_fraction)
+    e, d = config.eval, config.data
+    info = dataset_info(d.dataset, d.eval_train_split, data_dir=d.data_dir,
+                        holdout_fraction=d.holdout_fraction)
+    batch_size = finetune_batch_size(e.finetune_batch_size, subset_size(e.label_fraction, info.num_examples))
+    info, train, test = _eval_datasets(config, augment_train="crop_flip", label_fraction=e.label_fraction,
+                                       batch_size=batch_size)
     result = evaluate.fine_tune(model.encoder, train, test, num_classes=info.num_classes,
                                 epochs=e.finetune_epochs, learning_rate=e.finetune_learning_rate)
     scores = result[0] if isinstance(result, tuple) else result
     num_train = subset_size(e.label_fraction, info.num_examples)
     return _finish(config, {"protocol": "finetune", "label_fraction": e.label_fraction,
                             "dataset": config.data.dataset, **_splits(config, num_train),
-                            "batch_size": e.linear_batch_size, "augment": "crop_flip", **scores},
+                            "batch_size": batch_size, "augment": "crop_flip", **scores},
                    "finetune")
 
 

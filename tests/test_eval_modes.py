@@ -57,7 +57,7 @@ def results(model_dir, name):
      {"protocol": "linear_eval", "epochs": 3, "num_train": 10000}, 0.2),
     ("finetune", ["--set=eval.label_fraction=0.1", "--set=eval.finetune_epochs=5",
                   "--set=eval.finetune_learning_rate=0.1"],
-     {"protocol": "finetune", "label_fraction": 0.1, "num_train": 1000}, 0.13),
+     {"protocol": "finetune", "label_fraction": 0.1, "num_train": 1000, "batch_size": 124}, 0.25),
 ])
 def test_mode_writes_json_and_markdown_and_scores_above_chance(run, mode, extra, expected, least):
     common, model_dir, root = run
@@ -69,7 +69,8 @@ def test_mode_writes_json_and_markdown_and_scores_above_chance(run, mode, extra,
     assert values.get("num_test", values.get("num_queries")) == 2000
     # 10 classes: the embedded Fashion-MNIST subset; chance is 0.1, one standard error on 2,000
     # test images 0.007, so `least` is more than 4 of them above chance (measured here: kNN 0.70,
-    # linear 0.28, finetune 0.17).
+    # linear 0.28, finetune 0.40 to 0.47 over three seeds; 0.04 to 0.13 when the
+    # 1,000 labelled images were one batch of 1,024, one step per epoch).
     assert least <= values["top1"] <= values["top5"] <= 1.0
     assert markdown.startswith("| dataset | top1 (%) | top5 (%) |")
     assert markdown in done.stdout
