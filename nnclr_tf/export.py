@@ -30,6 +30,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from nnclr_tf import preprocessing
+
 SERVING_SIGNATURE = "serving_default"
 FLOAT_SIGNATURE = "embed_float"
 INFO_FILE = "export.json"  # inside the SavedModel folder, so it travels with it
@@ -40,9 +42,11 @@ _SUPPORTED_CHANNELS = (1, 3)
 def preprocess_for_eval(images, image_size, channels=None):
     """Evaluation preprocessing shared by the data pipeline and the export.
 
-    uint8 -> float32 in [0, 1]; resize (bilinear, antialiased) so the shorter
-    side equals `image_size`; centre crop to `image_size` x `image_size`;
-    optionally convert grayscale <-> RGB so the result has `channels` channels.
+    uint8 -> float32 in [0, 1]; `preprocessing.resize_and_centre_crop` (the
+    function the evaluation pipeline maps: shorter side to image_size / 0.875 and
+    the centre square for photos larger than image_size, the whole frame for
+    smaller ones); optionally convert grayscale <-> RGB so the result has
+    `channels` channels.
 
     Args:
       images: uint8 `[batch, height, width, C]` or one `[height, width, C]` image
@@ -61,19 +65,7 @@ def preprocess_for_eval(images, image_size, channels=None):
         images = tf.cast(images, tf.float32) / 255.0
     else:
         images = tf.cast(images, tf.float32)
-    shape = tf.shape(images)
-    height = tf.cast(shape[1], tf.float32)
-    width = tf.cast(shape[2], tf.float32)
-    scale = float(image_size) / tf.minimum(height, width)
-    # max() keeps the shorter side at exactly image_size despite rounding.
-    new_height = tf.maximum(image_size, tf.cast(tf.round(height * scale), tf.int32))
-    new_width = tf.maximum(image_size, tf.cast(tf.round(width * scale), tf.int32))
-    images = tf.image.resize(
-        images, tf.stack([new_height, new_width]), method="bilinear", antialias=True
-    )
-    top = (new_height - image_size) // 2
-    left = (new_width - image_size) // 2
-    images = images[:, top : top + image_size, left : left + image_size, :]
+    images = preprocessing.resize_and_centre_crop(images, image_size)
     if channels is not None:
         images = _convert_channels(images, channels)
     # Resizing can overshoot by float round-off; the encoder was trained on [0, 1].

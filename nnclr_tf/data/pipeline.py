@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from nnclr_tf.data import folders, sources, subsets
+from nnclr_tf.preprocessing import resize_and_centre_crop  # noqa: F401 (also exported here)
 
 EVAL_AUGMENTATIONS = (None, "crop_flip")
 _CACHE_LIMIT_BYTES = 512 * 2**20  # Decoded uint8 images below this size stay in memory.
@@ -168,23 +169,6 @@ def _options(shard):
     if shard is not None:  # Already split per input pipeline: no second sharding by tf.distribute.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return options
-
-
-def resize_and_centre_crop(image, image_size):
-    """[H, W, C] float image -> [image_size, image_size, C]: shorter side scaled to image_size,
-    then the centre square (a square image is only resized)."""
-    if image.shape[0] == image_size and image.shape[1] == image_size:
-        return image
-    shape = tf.shape(image)
-    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    scale = image_size / tf.minimum(height, width)
-    new_height = tf.maximum(image_size, tf.cast(tf.round(height * scale), tf.int32))
-    new_width = tf.maximum(image_size, tf.cast(tf.round(width * scale), tf.int32))
-    image = tf.image.resize(image, [new_height, new_width], antialias=True)
-    top, left = (new_height - image_size) // 2, (new_width - image_size) // 2
-    image = image[top:top + image_size, left:left + image_size]
-    image.set_shape([image_size, image_size, None])
-    return tf.clip_by_value(image, 0.0, 1.0)
 
 
 def random_crop_flip(image, image_size, scale=(0.08, 1.0)):

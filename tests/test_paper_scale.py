@@ -1,0 +1,81 @@
+"""Tests for the ImageNet-scale recipe: evaluation preprocessing shared by the pipeline and the
+export, step counting under a dynamic loss scale, steps_per_execution, float32 similarities."""
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import absltest, parameterized
+from PIL import Image
+
+from nnclr_tf import data, export, preprocessing
+
+_RNG = np.random.default_rng(0)
+
+
+def _pil_resize_and_crop(image, size, crop):
+    """Independent reference: PIL's float bilinear resize per channel to `size` (width, height),
+    then the `crop` box (left, top, right, bottom); image uint8 [H, W, C] -> float32 in [0, 1]."""
+    channels = []
+    for c in range(image.shape[-1]):
+        plane = Image.fromarray(image[..., c].astype(np.float32) / 255, "F")
+        channels.append(np.asarray(plane.resize(size, Image.BILINEAR, reducing_gap=None)))
+    left, top, right, bottom = crop
+    return np.stack(channels, -1)[top:bottom, left:right]
+
+
+class EvalPreprocessingTest(parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root, True)
+
+    def _pipeline_image(self, image, image_size):
+        """The evaluation data pipeline's output for one PNG image in a folder dataset."""
+        os.makedirs(os.path.join(self.root, "a"))
+        Image.fromarray(image).save(os.path.join(self.root, "a", "x.png"))
+        images, _ = next(iter(data.evaluation_dataset(self.root, "all", batch_size=1,
+                                                      image_size=image_size)))
+        return images[0].numpy()
+
+    def test_photo_is_resized_to_256_and_centre_cropped_to_224(self):
+        image = _RNG.integers(0, 256, (375, 500, 3), dtype=np.uint8)  # 500 wide, 375 high
+        # Shorter side 375 -> 256 (224 / 0.875); longer 500 * 256 / 375 = 341.3 -> 341; the centre
+        # 224 square starts (256 - 224) // 2 = 16 rows and (341 - 224) // 2 = 58 columns in.
+        expected = _pil_resize_and_crop(image, (341, 256), (58, 16, 58 + 224, 16 + 224))
+        from_pipeline = self._pipeline_image(image, 224)
+        from_export = export.preprocess_for_eval(image, 224).numpy()
+        self.assertEqual(from_pipeline.shape, (224, 224, 3))
+        # PIL and TF resample the same triangle filter; they differ by float round-off only.
+        np.testing.assert_allclose(from_pipeline, expected, atol=1e-4)
+        np.testing.assert_allclose(from_export, from_pipeline, atol=1e-6)
+
+    @parameterized.parameters(64, 160)
+    def test_crop_fraction_is_0_875_at_any_size(self, image_size):
+        image = _RNG.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+        shorter = round(image_size / 0.875)
+        longer = round(400 * shorter / 300)
+        top, left = (shorter - image_size) // 2, (longer - image_size) // 2
+        expected = _pil_resize_and_crop(image, (longer, shorter),
+                                        (left, top, left + image_size, top + image_size))
+        out = preprocessing.resize_and_centre_crop(tf.constant(image, tf.float32) / 255,
+                                                   image_size)
+        np.testing.assert_allclose(out.numpy(), expected, atol=1e-4)
+
+    def test_small_images_keep_their_whole_frame(self):
+        # Fashion-MNIST upsampled 28 -> 56 (the fmnist_cpu preset): resized whole, no margin cut.
+        image = _RNG.integers(0, 256, (28, 28, 1), dtype=np.uint8)
+        expected = _pil_resize_and_crop(image, (56, 56), (0, 0, 56, 56))
+        np.testing.assert_allclose(self._pipeline_image(image[..., 0], 56)[..., :1], expected,
+                                   atol=1e-4)
+
+    def test_image_at_the_target_size_is_untouched(self):
+        image = _RNG.random((2, 32, 32, 3)).astype(np.float32)
+        out = preprocessing.resize_and_centre_crop(tf.constant(image), 32)
+        np.testing.assert_array_equal(out.numpy(), image)
+
+
+if __name__ == "__main__":
+    absltest.main()
