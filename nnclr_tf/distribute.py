@@ -1,7 +1,7 @@
 """Choosing the tf.distribute strategy and the precision policy for a run.
 
     strategy = get_strategy("auto")            # the first of the list below that applies
-    set_precision("auto", strategy)            # bf16 on TPU / AMX CPUs, fp16 on GPUs, else fp32
+    set_precision("auto", strategy)            # bf16 on TPU, Ampere+ GPUs, AMX CPUs; else fp16 / fp32
     with strategy.scope():
         model = ...
 
@@ -144,10 +144,37 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def gpu_compute_capabilities() -> list[tuple[int, int] | None]:
+    """(major, minor) of each local GPU, None where TensorFlow does not say; [] without GPUs."""
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        except (ValueError, RuntimeError):
+            capability = None
+        capabilities.append(tuple(capability) if capability else None)
+    return capabilities
+
+
+def auto_precision(on_tpu: bool, gpu_capabilities, cpu_amx: bool) -> str:
+    """What "auto" means on a platform: mixed_bfloat16 on TPUs, on GPUs that all have bfloat16
+    tensor cores (compute capability >= 8.0: A100, H100, L4, RTX 30xx+) and on CPUs with AMX;
+    mixed_float16 on older GPUs (Keras' compile then wraps the optimizer in a LossScaleOptimizer);
+    float32 elsewhere. bfloat16 has float32's range, so it needs no loss scale and skips no step.
+
+    gpu_capabilities: one (major, minor) or None (unknown: taken as older) per GPU, [] for none.
+    """
+    if on_tpu:
+        return "mixed_bfloat16"
+    if gpu_capabilities:
+        modern = all(c is not None and tuple(c) >= (8, 0) for c in gpu_capabilities)
+        return "mixed_bfloat16" if modern else "mixed_float16"
+    return "mixed_bfloat16" if cpu_amx else "float32"
+
+
 def resolve_precision(policy: str, strategy: tf.distribute.Strategy | None = None) -> str:
-    """Maps "auto" to the fastest policy for the platform: mixed_bfloat16 on TPU and on CPUs with
-    AMX, mixed_float16 on GPUs (Keras' compile then wraps the optimizer in a LossScaleOptimizer,
-    which NNCLR.train_step uses through `optimizer.scale_loss`), float32 elsewhere."""
+    """Maps "auto" to the fastest policy for the platform (`auto_precision`); refuses float16 on
+    TPUs. NNCLR.train_step uses a LossScaleOptimizer through `optimizer.scale_loss`."""
     if policy not in ("auto", "mixed_float16"):
         return policy  # without looking at devices, which would start TensorFlow's
     on_tpu = is_tpu(strategy) if strategy is not None else bool(tf.config.list_logical_devices("TPU"))
@@ -156,11 +183,8 @@ def resolve_precision(policy: str, strategy: tf.distribute.Strategy | None = Non
                           "(or auto).")
     if policy != "auto":
         return policy
-    if on_tpu:
-        return "mixed_bfloat16"
-    if tf.config.list_physical_devices("GPU"):
-        return "mixed_float16"
-    return "mixed_bfloat16" if cpu_has_amx() else "float32"
+    gpus = [] if on_tpu else gpu_compute_capabilities()
+    return auto_precision(on_tpu, gpus, cpu_has_amx() if not (on_tpu or gpus) else False)
 
 
 def set_precision(policy: str, strategy: tf.distribute.Strategy | None = None) -> str:

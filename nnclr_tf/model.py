@@ -45,6 +45,20 @@ def _logs(metrics):
     return logs
 
 
+def advance_step(optimizer, step_before):
+    """Makes `optimizer.iterations` the number of training steps run, skipped ones included.
+
+    Under mixed_float16, Keras' LossScaleOptimizer skips the update of a step whose gradients
+    overflow, and with it the increment of `iterations`. The step is what the resume position
+    (checkpoints are numbered by it), the learning-rate schedule and the top-k sampling seeds
+    read, so each would drift behind the data stream, which advances every step: set it to
+    `step_before + 1` after every `apply()`. Adam's bias correction then counts the skipped step
+    too, the price of one counter for everything. Other optimizers already advanced it.
+    """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer.iterations.assign(tf.cast(step_before, optimizer.iterations.dtype) + 1)
+
+
 def _flat_labels(labels):
     return None if labels is None else tf.reshape(tf.cast(labels, tf.int32), [-1])
 
@@ -296,7 +310,9 @@ class NNCLR(keras.Model):
         variables = self.trainable_variables
         pairs = [(g, v) for g, v in zip(tape.gradient(scaled, variables), variables)
                  if g is not None]
+        step = tf.identity(self.optimizer.iterations)  # read before apply() advances it
         self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+        advance_step(self.optimizer, step)
         queued = gather(z_1)  # the global batch's z_1, in replica order
         self.support_set.enqueue(queued, None if labels is None else gather(labels))
 

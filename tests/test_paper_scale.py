@@ -5,12 +5,15 @@ import os
 import shutil
 import tempfile
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import absltest, parameterized
 from PIL import Image
 
-from nnclr_tf import data, export, preprocessing
+from conftest import tiny_encoder
+from nnclr_tf import data, distribute, export, preprocessing
+from nnclr_tf.model import NNCLR
 
 _RNG = np.random.default_rng(0)
 
@@ -75,6 +78,52 @@ class EvalPreprocessingTest(parameterized.TestCase):
         image = _RNG.random((2, 32, 32, 3)).astype(np.float32)
         out = preprocessing.resize_and_centre_crop(tf.constant(image), 32)
         np.testing.assert_array_equal(out.numpy(), image)
+
+
+def _tiny_nnclr(**kwargs):
+    keras.utils.set_random_seed(0)
+    return NNCLR(tiny_encoder((16, 16, 3)), projection_hidden_dims=(32,), projection_dim=16,
+                 prediction_hidden_dims=(32,), queue_size=48, **kwargs)
+
+
+def _views(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.random((2, n, 16, 16, 3), dtype=np.float32))
+
+
+class StepCountTest(parameterized.TestCase):
+    def test_step_advances_on_steps_the_loss_scale_skips(self):
+        model = _tiny_nnclr()
+        # A loss scale near float32's maximum makes the scaled gradients overflow: the update is
+        # skipped and the scale halved, step after step, until it fits.
+        initial = 2.0**127
+        model.compile(optimizer=keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=initial))
+        model.fit(_views(), batch_size=8, epochs=1, steps_per_epoch=4, verbose=0)
+        skipped = int(round(np.log2(initial / float(model.optimizer.dynamic_scale.numpy()))))
+        self.assertGreaterEqual(skipped, 1)
+        self.assertEqual(int(model.optimizer.iterations.numpy()), 4)
+
+    def test_step_counts_ordinary_steps_once(self):
+        model = _tiny_nnclr()
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        model.fit(_views(), batch_size=8, epochs=1, steps_per_epoch=3, verbose=0)
+        self.assertEqual(int(model.optimizer.iterations.numpy()), 3)
+
+
+class AutoPrecisionTest(parameterized.TestCase):
+    @parameterized.parameters(
+        (True, [], False, "mixed_bfloat16"),              # TPU
+        (False, [(8, 0)], False, "mixed_bfloat16"),       # A100
+        (False, [(9, 0)] * 8, False, "mixed_bfloat16"),   # 8 x H100
+        (False, [(7, 0)], False, "mixed_float16"),        # V100
+        (False, [(8, 6), (7, 5)], False, "mixed_float16"),  # one older GPU decides
+        (False, [None], False, "mixed_float16"),          # capability unknown
+        (False, [], True, "mixed_bfloat16"),              # AMX CPU
+        (False, [], False, "float32"),                    # other CPU
+    )
+    def test_auto_precision(self, on_tpu, gpus, amx, expected):
+        self.assertEqual(distribute.auto_precision(on_tpu, gpus, amx), expected)
 
 
 if __name__ == "__main__":
