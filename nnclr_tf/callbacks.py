@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import signal
 import threading
 
 import keras
+import tensorflow as tf
 
-from nnclr_tf.runs import exists, read_text, write_text
+from nnclr_tf.runs import exists, read_text, save_checkpoint, write_text
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -73,14 +75,83 @@ class TensorBoard(keras.callbacks.TensorBoard):
 
     Keras counts batches from 0 in every `fit` call and writes epoch summaries at the epoch index,
     so a resumed run (or the second `fit` of one run) drew over its own curves.
+    Keras also counts one batch per call, which is one execution of steps_per_execution steps:
+    batch summaries are stamped at the step ending their execution, and written (update_freq=N)
+    for the executions that reach or pass a multiple of N.
     """
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        self._global_train_batch = _step(self.model)  # on_train_batch_begin adds 1 per step
+        self._global_train_batch = self._epoch_start = _step(self.model)
+        self._first_step = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._epoch_start = self._global_train_batch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        steps = (self.params or {}).get("steps") or math.inf
+        per_execution = getattr(self.model, "steps_per_execution", 1) or 1
+        self._first_step = self._epoch_start + batch + 1
+        # on_train_batch_begin adds 1
+        self._global_train_batch = self._epoch_start + min(batch + per_execution, steps) - 1
+        super().on_train_batch_begin(batch, logs)
+
+    def _push_writer(self, writer, step):
+        first = getattr(self, "_first_step", None)
+        if self.update_freq == "epoch" or writer is not self._train_writer or first is None:
+            return super()._push_writer(writer, step)
+        every = self.update_freq
+        context = (writer.as_default(step),
+                   self.summary.record_if(lambda: step // every > (first - 1) // every))
+        self._prev_summary_state.append(context)
+        for part in context:
+            part.__enter__()
+        return None
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(_step(self.model), logs)
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves a checkpoint every `every_steps` steps; stops, without saving, when the loss is not finite.
+
+    Keras calls `on_train_batch_end` once per execution of `steps_per_execution` steps. The rule:
+    a checkpoint is saved at the end of the first execution that reaches or passes each multiple
+    of every_steps, so exactly at the multiples when steps_per_execution divides every_steps (or
+    is 1), else at most steps_per_execution - 1 steps after them. The step is counted here on the
+    host (the optimizer step is read once per `fit`); the loss is read back once per execution,
+    not per step (a read waits for the device, so the host queues no step past it). The loss
+    read is the epoch's running mean, so a NaN at any step of the execution shows in it: the
+    divergence is reported at the execution's last step, and the last good checkpoint is kept.
+    """
+
+    def __init__(self, manager: tf.train.CheckpointManager, every_steps: int):
+        super().__init__()
+        self.manager = manager
+        self.every_steps = every_steps
+        self.diverged_at = None
+        self.step = 0  # the optimizer step after the last execution, counted on the host
+        self._epoch_start = 0
+
+    def on_train_begin(self, logs=None):
+        self.step = self._epoch_start = _step(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self.step
+
+    def on_train_batch_end(self, batch, logs=None):
+        # `batch`: the index of the execution's last step in the epoch; Keras gives
+        # begin + steps_per_execution - 1 also for a shorter last execution, hence min().
+        steps = self.params.get("steps") if self.params else None
+        previous = self.step
+        self.step = self._epoch_start + (min(batch + 1, steps) if steps else batch + 1)
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged_at = self.step
+            self.model.stop_training = True
+        elif self.step // self.every_steps > previous // self.every_steps:
+            save_checkpoint(self.manager, self.model)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

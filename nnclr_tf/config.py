@@ -100,6 +100,8 @@ class RunConfig:
     cpu_replicas: int = 0  # > 1 splits the CPU into that many logical devices (testing distribution)
     mixed_precision: str = "auto"
     jit_compile: bool = False
+    # Training steps per host dispatch (Keras compile); 0 = auto: 1 on CPUs, 32 on GPUs and TPUs.
+    steps_per_execution: int = 0
     seed: int = 0
     deterministic: bool = False
     checkpoint_every_steps: int = 200
@@ -359,6 +361,9 @@ def validate(config: Config) -> Config:
     _check(r.checkpoint_every_steps >= 1,
            f"run.checkpoint_every_steps must be >= 1, got {r.checkpoint_every_steps}.")
     _check(r.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {r.keep_checkpoints}.")
+    _check(r.steps_per_execution >= 0,
+           f"run.steps_per_execution must be >= 0 (0: sized for the platform), got "
+           f"{r.steps_per_execution}.")
     _check(r.cpu_replicas >= 0, f"run.cpu_replicas must be >= 0, got {r.cpu_replicas}.")
     _check(bool(r.model_dir), "run.model_dir must not be empty.")
     return config

@@ -135,6 +135,29 @@ def is_tpu(strategy: tf.distribute.Strategy | None) -> bool:
                                  tf.distribute.experimental.TPUStrategy))
 
 
+STEPS_PER_EXECUTION_ON_ACCELERATORS = 32
+
+
+def resolve_steps_per_execution(requested: int, accelerator: bool) -> int:
+    """run.steps_per_execution: `requested` when > 0; for 0 (auto), 32 on GPUs and TPUs, where
+    one host dispatch per step would leave the device idle between steps, and 1 on CPUs, where a
+    step outlasts its dispatch and logs, signals and checkpoints then act at every step."""
+    if requested > 0:
+        return requested
+    return STEPS_PER_EXECUTION_ON_ACCELERATORS if accelerator else 1
+
+
+def on_accelerator(strategy: tf.distribute.Strategy) -> bool:
+    """True when `strategy` computes on TPUs or GPUs (a mirrored strategy over CPUs does not)."""
+    if is_tpu(strategy):
+        return True
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy: the default device, a GPU when there is one
+        return bool(tf.config.list_logical_devices("GPU"))
+    return any("GPU" in device.upper() for device in devices)
+
+
 def cpu_has_amx() -> bool:
     """True where the CPU has AMX bf16 tiles, so mixed_bfloat16 is faster than float32."""
     try:

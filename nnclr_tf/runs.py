@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import uuid
@@ -37,8 +36,8 @@ ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "cifar_stem", "projection
 # learned, so resuming with another value needs run.allow_config_change (--allow_config_change).
 FREE_FIELDS = ("data.data_dir", "data.download", "data.eval_train_split", "data.eval_split",
                "run.model_dir", "run.strategy", "run.cpu_replicas", "run.jit_compile",
-               "run.deterministic", "run.checkpoint_every_steps", "run.keep_checkpoints",
-               "run.log_every_steps", "run.export", "run.report", "run.allow_config_change")
+               "run.deterministic", "run.checkpoint_every_steps", "run.steps_per_execution",
+               "run.keep_checkpoints", "run.log_every_steps", "run.export", "run.report", "run.allow_config_change")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -332,26 +331,6 @@ def weights_finite(model: keras.Model) -> bool:
     """True when no floating weight (BN statistics and support set included) is NaN or Inf."""
     return all(bool(tf.reduce_all(tf.math.is_finite(v.value))) for v in model.weights
                if v.dtype.startswith(("float", "bfloat")))
-
-
-class CheckpointCallback(keras.callbacks.Callback):
-    """Saves every `every_steps` optimizer steps; stops, without saving, when the loss is not finite."""
-
-    def __init__(self, manager: tf.train.CheckpointManager, every_steps: int):
-        super().__init__()
-        self.manager = manager
-        self.every_steps = every_steps
-        self.diverged_at = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        loss = float((logs or {}).get("loss", 0.0))
-        if not math.isfinite(loss):
-            self.diverged_at = step
-            self.model.stop_training = True
-            return
-        if step % self.every_steps == 0:
-            save_checkpoint(self.manager, self.model)
 
 
 def save_checkpoint(manager: tf.train.CheckpointManager, model: keras.Model) -> None:

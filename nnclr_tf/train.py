@@ -26,13 +26,13 @@ import keras
 import tensorflow as tf
 
 from nnclr_tf import backbones, distribute, optim
-from nnclr_tf.callbacks import CSVLog, StopOnSignal, TensorBoard
+from nnclr_tf.callbacks import CheckpointCallback, CSVLog, StopOnSignal, TensorBoard
 from nnclr_tf.config import Config, ConfigError, validate
 from nnclr_tf.data import dataset_info, pretraining_dataset
 from nnclr_tf.data.sources import is_folder
 from nnclr_tf.model import NNCLR
-from nnclr_tf.runs import (CheckpointCallback, RunDir, TrainingDivergedError, changed_settings,
-                           checkpoint_step, model_checkpoint, restore_checkpoint, save_checkpoint)
+from nnclr_tf.runs import (RunDir, TrainingDivergedError, changed_settings, checkpoint_step,
+                           model_checkpoint, restore_checkpoint, save_checkpoint)
 
 log = logging.getLogger("nnclr_tf")
 
@@ -171,14 +171,17 @@ def _pretrain(config, strategy, stop, verbose, callbacks, report) -> PretrainRes
     # The precision policy depends on the platform the strategy found (TPU: bfloat16).
     precision = distribute.set_precision(r.mixed_precision, strategy)
     steps_per_epoch, total_steps = schedule_steps(config, info.num_examples)
-    log.info("Pretraining %s on %s (%d images): %d steps of %d, %s, %d replica(s).", config.model.backbone,
-             d.dataset, info.num_examples, total_steps, o.batch_size, precision,
-             strategy.num_replicas_in_sync)
+    steps_per_execution = distribute.resolve_steps_per_execution(
+        r.steps_per_execution, distribute.on_accelerator(strategy))
+    log.info("Pretraining %s on %s (%d images): %d steps of %d, %s, %d replica(s), %d step(s) "
+             "per execution.", config.model.backbone, d.dataset, info.num_examples, total_steps,
+             o.batch_size, precision, strategy.num_replicas_in_sync, steps_per_execution)
 
     with strategy.scope():
         model = build_model(config, input_shape, info.num_classes)
         optimizer = build_optimizer(config, steps_per_epoch, total_steps)
-        model.compile(optimizer=optimizer, jit_compile=r.jit_compile)
+        model.compile(optimizer=optimizer, jit_compile=r.jit_compile,
+                      steps_per_execution=steps_per_execution)
         optimizer.build(model.trainable_variables)  # its slots mirror the weights: made in the scope
     # Multi-worker: every worker saves each checkpoint (saving is collective), the chief into the
     # model dir, the others into a scratch folder deleted at the end; all resume from the model dir.
@@ -220,8 +223,10 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, stop, v
     steps_per_epoch, total_steps = schedule_steps(config, info.num_examples)
     strategy, channels = model.distribute_strategy, model.encoder.input_shape[-1]
 
-    def make_dataset(initial_step):
+    def make_dataset(initial_step, steps):
         # The data stream is a function of (seed, step): a resumed run sees what an uninterrupted one would.
+        # Exactly `steps` steps of it: Keras runs a whole execution of steps_per_execution steps
+        # while the data lasts, so a fit call whose steps it does not divide ends with a shorter one.
         def dataset_fn(input_context=None):
             # A pipeline feeding k replicas yields k of its batches per global step.
             per_step = (input_context.num_replicas_in_sync // input_context.num_input_pipelines
@@ -232,7 +237,7 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, stop, v
                 image_size=d.image_size, augment=config.augment.preset,
                 crop_scale=config.augment.crop_scale, with_labels=info.num_classes > 0,
                 input_context=input_context, shuffle_buffer=d.shuffle_buffer, seed=r.seed,
-                channels=channels, initial_step=initial_step * per_step)
+                channels=channels, initial_step=initial_step * per_step).take(steps * per_step)
         if strategy.num_replicas_in_sync > 1:
             return strategy.distribute_datasets_from_function(dataset_fn)
         return dataset_fn()
@@ -256,11 +261,13 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, stop, v
     step = start_step
     with stop.training():
         log.info("Training from step %d to step %d.", start_step, total_steps)
-        for initial_epoch, epochs, steps in plan_segments(start_step, total_steps, steps_per_epoch):
+        for initial_epoch, epochs, steps in plan_segments(start_step, total_steps, steps_per_epoch,
+                                                          model.steps_per_execution):
             if stop.signum is not None or model.stop_training:
                 break
             # Each segment continues the one data stream from the step it starts at.
-            out = model.fit(make_dataset(step), initial_epoch=initial_epoch, epochs=epochs,
+            data = make_dataset(step, (epochs - initial_epoch) * steps)
+            out = model.fit(data, initial_epoch=initial_epoch, epochs=epochs,
                             steps_per_epoch=steps, callbacks=fit_callbacks, verbose=verbose)
             for key, values in out.history.items():
                 history.setdefault(key, []).extend(float(v) for v in values)
@@ -278,17 +285,21 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, stop, v
     return history
 
 
-def plan_segments(start_step: int, total_steps: int, steps_per_epoch: int) -> list[tuple[int, int, int]]:
+def plan_segments(start_step: int, total_steps: int, steps_per_epoch: int,
+                  steps_per_execution: int = 1) -> list[tuple[int, int, int]]:
     """Splits steps [start_step, total_steps) into model.fit calls (initial_epoch, epochs, steps_per_epoch).
 
     A run resumed mid-epoch first finishes that epoch; whole epochs go in one call; a last partial
-    epoch gets a call of its own. So the epoch numbers shown match an uninterrupted run.
+    epoch gets a call of its own. So the epoch numbers shown match an uninterrupted run. Keras
+    starts each epoch's executions where the last one ended, so whole epochs share a call only
+    when steps_per_execution divides steps_per_epoch; otherwise each epoch gets its own call,
+    whose data end after its steps, so that its last execution is shorter and ends the epoch.
     """
     segments = []
     step = start_step
     while step < total_steps:
         epoch, done = divmod(step, steps_per_epoch)
-        if done or total_steps - step < steps_per_epoch:
+        if done or total_steps - step < steps_per_epoch or steps_per_epoch % steps_per_execution:
             steps = min(steps_per_epoch - done, total_steps - step)
             segments.append((epoch, epoch + 1, steps))
             step += steps

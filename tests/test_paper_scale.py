@@ -12,8 +12,10 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from conftest import tiny_encoder
-from nnclr_tf import data, distribute, export, preprocessing
+from nnclr_tf import data, distribute, export, preprocessing, train
+from nnclr_tf.callbacks import CheckpointCallback
 from nnclr_tf.model import NNCLR
+from test_train import tiny
 
 _RNG = np.random.default_rng(0)
 
@@ -124,6 +126,78 @@ class AutoPrecisionTest(parameterized.TestCase):
     )
     def test_auto_precision(self, on_tpu, gpus, amx, expected):
         self.assertEqual(distribute.auto_precision(on_tpu, gpus, amx), expected)
+
+
+class StepsPerExecutionTest(parameterized.TestCase):
+    @parameterized.parameters((0, False, 1), (0, True, 32), (5, True, 5), (5, False, 5))
+    def test_resolved_per_platform(self, requested, accelerator, expected):
+        self.assertEqual(distribute.resolve_steps_per_execution(requested, accelerator), expected)
+
+    def test_cpu_strategies_are_not_accelerators(self):
+        self.assertFalse(distribute.on_accelerator(tf.distribute.get_strategy()))
+
+    @parameterized.parameters(
+        (0, 30, 10, 5, [(0, 3, 10)]),                         # 5 divides the epoch: one call
+        (0, 30, 10, 4, [(0, 1, 10), (1, 2, 10), (2, 3, 10)]),  # else one call per epoch
+        (13, 30, 10, 4, [(1, 2, 7), (2, 3, 10)]),
+    )
+    def test_segments(self, start, total, per_epoch, per_execution, expected):
+        self.assertEqual(train.plan_segments(start, total, per_epoch, per_execution), expected)
+
+    @parameterized.parameters(
+        # (steps per execution, steps per epoch, checkpoint every, executions, saved at)
+        (1, 100, 2, 7, [2, 4, 6]),
+        (2, 100, 4, 5, [4, 8]),            # divides: exactly at the multiples
+        (3, 100, 4, 5, [6, 9, 12]),        # the first execution end at or after 4, 8, 12
+        (3, 7, 4, 5, [6, 10, 13]),         # epochs of 7: executions end at 3, 6, 7, 10, 13
+    )
+    def test_checkpoint_rule_and_one_loss_read_per_execution(self, per_execution, steps, every,
+                                                          executions, expected):
+        reads, saved = [], []
+
+        class Loss:
+            def __float__(self):
+                reads.append(callback.step)
+                return 1.0
+
+        class Manager:
+            latest_checkpoint = None
+
+            def save(self, checkpoint_number):
+                del checkpoint_number  # the optimizer's step; this fake model has none
+                saved.append(callback.step)
+
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", steps_per_execution=per_execution)
+        callback = CheckpointCallback(Manager(), every_steps=every)
+        callback.set_model(model)
+        callback.set_params({"steps": steps})
+        callback.on_train_begin()
+        batch, epoch = 0, 0
+        callback.on_epoch_begin(epoch)
+        for _ in range(executions):
+            if batch >= steps:
+                batch, epoch = 0, epoch + 1
+                callback.on_epoch_end(epoch - 1)
+                callback.on_epoch_begin(epoch)
+            callback.on_train_batch_end(batch + per_execution - 1, {"loss": Loss()})
+            batch += per_execution
+        self.assertEqual(saved, expected)
+        self.assertLen(reads, executions)  # one read of the loss per execution, not per step
+
+    def test_checkpoints_land_by_the_rule_and_training_stops_at_its_step(self):
+        with tempfile.TemporaryDirectory() as folder:
+            import pathlib
+            config = tiny(pathlib.Path(folder), **{
+                "optim.train_steps": "7", "run.steps_per_execution": "3",
+                "run.checkpoint_every_steps": "2", "run.keep_checkpoints": "10"})
+            result = train.pretrain(config, verbose=0)
+            self.assertEqual(int(result.model.optimizer.iterations.numpy()), 7)
+            state = tf.train.get_checkpoint_state(os.path.join(folder, "run", "checkpoints"))
+            steps = [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths]
+        # Executions end at 3, 6 and 7 (the data end there): 2 is passed at 3, 4 and 6 at 6;
+        # the last step is saved at the end.
+        self.assertEqual(steps, [3, 6, 7])
 
 
 if __name__ == "__main__":
