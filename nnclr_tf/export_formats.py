@@ -8,6 +8,8 @@ The converted model takes uint8 images already at the encoder's size, [N, S, S, 
 the SavedModel's export.json): the SavedModel's any-size resize uses an antialiased kernel that
 TFLite's built-in operators do not have, so the caller resizes (as a phone app does with its
 camera frames). Its outputs are those of the SavedModel's `embed_float` signature on `images / 255`.
+The runners here refuse anything else in one sentence; LiteRT's own interpreter would run another
+size (other features) and read one unbatched [S, S, C] image as S images.
 """
 
 from __future__ import annotations
@@ -65,12 +67,12 @@ def tflite_runner(path):
     """A function uint8 [N, S, S, C] -> {"features", "embeddings"} NumPy, run by the interpreter."""
     interpreter = _interpreter_class()(model_path=os.fspath(path))
     runner = interpreter.get_signature_runner()
+    shape = runner.get_input_details()["images"]["shape_signature"][1:]
 
     def run(images):
-        images = np.asarray(images)
-        if images.dtype != np.uint8:
-            raise ValueError(f"The TFLite encoder takes uint8 images, got {images.dtype}.")
-        return runner(images=images)
+        # The interpreter itself would run other sizes (different features) and take one
+        # unbatched image as a batch of rows.
+        return runner(images=_checked_images(images, shape, "TFLite"))
 
     return run
 
@@ -97,8 +99,21 @@ def onnx_runner(path):
                          "run `pip install nnclr_tf[onnx]`.") from error
     session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
+    shape = session.get_inputs()[0].shape[1:]
 
     def run(images):
-        return dict(zip(names, session.run(None, {"images": np.asarray(images, np.uint8)})))
+        return dict(zip(names, session.run(None, {"images": _checked_images(images, shape, "ONNX")})))
 
     return run
+
+
+def _checked_images(images, shape, runtime):
+    """`images` as a NumPy array after checking that it is uint8 [N, *shape], what the model takes."""
+    images = np.asarray(images)
+    expected = [int(d) for d in shape]
+    if images.dtype != np.uint8 or images.ndim != 4 or list(images.shape[1:]) != expected:
+        raise ValueError(
+            f"The {runtime} encoder takes uint8 images [N, {', '.join(map(str, expected))}] (pixels "
+            f"0-255 at the encoder's size), got {images.dtype} {list(images.shape)}; resize them and "
+            "pass uint8.")
+    return images

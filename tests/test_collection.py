@@ -276,7 +276,6 @@ def test_faiss_missing_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_faiss_index_finds_the_exact_neighbours_of_a_small_collection():
-    pytest.importorskip("faiss")
     rng = np.random.default_rng(6)
     rows = collection.normalise(rng.normal(size=(500, 16)))
     _, exact = search.exact_search(rows[:20], rows, k=5)
