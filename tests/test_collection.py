@@ -134,6 +134,21 @@ def test_exact_search_matches_a_full_sort_across_chunks_and_shards():
     assert few.shape == (7, 3)
 
 
+def test_test_split_queries_find_themselves_first(exported, embedded_data_dir, monkeypatch):
+    """The default suite's quick form (a random encoder, in-process) of the slow journey below."""
+    monkeypatch.setenv("TFDS_DATA_DIR", embedded_data_dir)
+    embedded = collection.embed(exported, "embedded", split="test")
+    images, labels = load_arrays("embedded", "test", limit=6, data_dir=embedded_data_dir)
+    result = search.search(embedded, list(images), k=3)
+    assert len(embedded) == embedded.info.get("count")
+    for q in range(6):
+        own = embedded.ids.tolist().index(f"test/{q}")
+        assert embedded.labels[own] == labels[q]
+        np.testing.assert_allclose(result.scores[q, 0], 1.0, atol=1e-5)
+        # Exact copies of a test image elsewhere in the split tie at 1.0; the query must be among them.
+        assert own in result.indices[q][result.scores[q] > 1 - 1e-5]
+
+
 @pytest.fixture(scope="module", name="pretrained")
 def pretrained_fixture(tmp_path_factory, embedded_data_dir):
     """A folder holding a `tiny` pretraining run (run/, exported) and the test split embedded with
