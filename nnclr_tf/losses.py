@@ -8,10 +8,14 @@ where + marks the other view. `contrastive_loss(anchors=nn_1, predictions=p_2)` 
 Cross-replica negatives: each replica passes its local anchors, the all-gathered predictions and
 `label_offset = replica_id * local_batch`; dividing each replica's loss by the replica count makes
 the summed gradients equal the single-device gradient on the global batch.
-All math is float32, whatever the inputs' dtype (e.g. under mixed_bfloat16).
+All math is float32, whatever the inputs' dtype (e.g. under mixed_bfloat16), and the logits'
+matmul keeps float32 precision where GPUs (TF32) and TPUs (bfloat16) would round it
+(`nnclr_tf.similarity`).
 """
 
 import tensorflow as tf
+
+from nnclr_tf import similarity
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -22,7 +26,8 @@ def _logits(anchors, predictions, temperature, predictions_global, label_offset)
     anchors = tf.math.l2_normalize(tf.cast(anchors, tf.float32), axis=-1)
     targets = predictions if predictions_global is None else predictions_global
     targets = tf.math.l2_normalize(tf.cast(targets, tf.float32), axis=-1)
-    logits = tf.matmul(anchors, targets, transpose_b=True) / temperature  # [batch, columns]
+    # [batch, columns], at float32 precision on GPUs and TPUs too.
+    logits = similarity.float32_matmul(anchors, targets, transpose_b=True) / temperature
     labels = tf.range(tf.shape(anchors)[0]) + tf.cast(label_offset, tf.int32)
     return logits, labels
 

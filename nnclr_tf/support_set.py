@@ -27,6 +27,8 @@ import math
 import keras
 import tensorflow as tf
 
+from nnclr_tf import similarity
+
 WRITE_MODES = ("auto", "scatter", "assign")
 # The paper's per-replica lookup (512 x 98,304 float32, 192 MiB whole) then runs in 12 chunks, in
 # the same CPU time as whole (benchmarks/lookup.py).
@@ -213,8 +215,9 @@ class SupportSet(keras.layers.Layer):
         best_values = best_indices = None
         for start in range(0, self.size, rows):  # a static loop: XLA compiles it as it is
             stop = min(start + rows, self.size)
-            similarities = tf.nn.bias_add(tf.matmul(z, bank[start:stop], transpose_b=True),
-                                          mask[start:stop])  # [batch, stop - start]
+            similarities = tf.nn.bias_add(  # [batch, stop - start], float32 precision
+                similarity.float32_matmul(z, bank[start:stop], transpose_b=True),
+                mask[start:stop])
             if k == 1:
                 index = tf.argmax(similarities, axis=-1, output_type=tf.int32)[:, None]
                 values = tf.gather(similarities, index, batch_dims=1)

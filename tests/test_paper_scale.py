@@ -4,6 +4,7 @@ export, step counting under a dynamic loss scale, steps_per_execution, float32 s
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 import keras
 import numpy as np
@@ -12,9 +13,10 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from conftest import tiny_encoder
-from nnclr_tf import data, distribute, export, preprocessing, train
+from nnclr_tf import data, distribute, export, losses, preprocessing, similarity, train
 from nnclr_tf.callbacks import CheckpointCallback
 from nnclr_tf.model import NNCLR
+from nnclr_tf.support_set import SupportSet
 from test_train import tiny
 
 _RNG = np.random.default_rng(0)
@@ -199,6 +201,62 @@ class StepsPerExecutionTest(parameterized.TestCase):
         # the last step is saved at the end.
         self.assertEqual(steps, [3, 6, 7])
 
+
+def _bfloat16_pass(a, b, transpose_b=False):
+    """A TPU's default float32 matmul: inputs rounded to bfloat16, products summed in float32."""
+    rounded = [tf.cast(tf.cast(x, tf.bfloat16), tf.float32) for x in (a, b)]
+    return tf.matmul(*rounded, transpose_b=transpose_b)
+
+
+def _unit_rows(n, dim, seed):
+    x = np.random.default_rng(seed).normal(size=(n, dim))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+class Float32SimilarityTest(parameterized.TestCase):
+    @parameterized.parameters(
+        (True, False, False, True), (False, True, True, True), (False, True, False, False),
+        (False, False, True, False))
+    def test_split_where_matmuls_round(self, tpu, gpu, tf32, expected):
+        self.assertEqual(similarity.reduced_precision_matmuls(tpu, gpu, tf32), expected)
+
+    def test_split_product_is_float32_on_a_bfloat16_device(self):
+        a, b = _unit_rows(64, 256, 0), _unit_rows(96, 256, 1)
+        expected = a @ b.T
+        with mock.patch.object(similarity, "_device_matmul", _bfloat16_pass):
+            rounded = similarity.float32_matmul(a, b, transpose_b=True, split=False).numpy()
+            split = similarity.float32_matmul(a, b, transpose_b=True, split=True).numpy()
+        self.assertGreater(np.abs(rounded - expected).max(), 2e-4)  # what the device gives
+        np.testing.assert_allclose(split, expected, atol=2e-5)
+
+    def test_loss_logits_and_lookup_keep_float32_precision_under_mixed_bfloat16(self):
+        keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+        dim = 128
+        # Pairs of queue rows around 32 centres, each query nearer the first of its pair by
+        # ~1e-4 in cosine: finer than a bfloat16 product resolves (it picks 65 % right).
+        unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+        centres, u, v = (_unit_rows(32, dim, seed) for seed in (2, 3, 4))
+        bank = np.empty((64, dim))
+        bank[0::2], bank[1::2] = unit(centres + 0.02 * u), unit(centres + 0.02 * v)
+        queries = unit(centres + 0.02 * (0.6 * u + 0.4 * v))
+        expected_nn = np.argmax(queries @ bank.T, axis=1)
+        np.testing.assert_array_equal(expected_nn, np.arange(0, 64, 2))
+        support_set = SupportSet(64, dim)
+        support_set.enqueue(tf.constant(bank, tf.float32))
+        anchors = tf.constant(queries[:8], tf.bfloat16)
+        predictions = tf.constant(_unit_rows(8, dim, 5), tf.bfloat16)
+        a, p = (tf.cast(x, tf.float64).numpy() for x in (anchors, predictions))
+        a, p = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, p))
+        reference = a @ p.T / 0.1
+        with mock.patch.object(similarity, "_device_matmul", _bfloat16_pass), \
+                mock.patch.object(similarity, "_platform_rounds_matmuls", lambda: True):
+            logits, _ = losses._logits(anchors, predictions, 0.1, None, 0)
+            # z reaches the lookup in float32 (NNCLR._embed casts it).
+            neighbours = support_set.nearest_neighbour(tf.constant(queries, tf.float32))
+        self.assertEqual(logits.dtype, tf.float32)
+        self.assertEqual(neighbours.dtype, tf.float32)
+        np.testing.assert_allclose(logits.numpy(), reference, atol=2e-4)  # bf16: ~1e-3
+        np.testing.assert_array_equal(np.argmax(neighbours.numpy() @ bank.T, axis=1), expected_nn)
 
 if __name__ == "__main__":
     absltest.main()
