@@ -37,7 +37,8 @@ ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "cifar_stem", "projection
 FREE_FIELDS = ("data.data_dir", "data.download", "data.eval_train_split", "data.eval_split",
                "run.model_dir", "run.strategy", "run.cpu_replicas", "run.jit_compile",
                "run.deterministic", "run.checkpoint_every_steps", "run.steps_per_execution",
-               "run.keep_checkpoints", "run.log_every_steps", "run.export", "run.report", "run.allow_config_change")
+               "run.keep_checkpoints", "run.log_every_steps", "run.export", "run.report",
+               "run.allow_config_change")
 
 
 class TrainingDivergedError(RuntimeError):

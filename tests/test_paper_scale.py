@@ -258,5 +258,49 @@ class Float32SimilarityTest(parameterized.TestCase):
         np.testing.assert_allclose(logits.numpy(), reference, atol=2e-4)  # bf16: ~1e-3
         np.testing.assert_array_equal(np.argmax(neighbours.numpy() @ bank.T, axis=1), expected_nn)
 
+class XlaAssignStepTest(parameterized.TestCase):
+    """The TPU path (queue writes by assign, XLA) on CPU, one replica: the same step."""
+
+    def _trained(self, steps, **kwargs):
+        model = _tiny_nnclr(**{k: v for k, v in kwargs.items() if k == "queue_write_mode"})
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                      jit_compile=kwargs.get("jit_compile", False))
+        # As train.pretrain does: slots made before fit, not in its first trace (which would
+        # then be redone).
+        model.optimizer.build(model.trainable_variables)
+        # A queue 40 rows full (of 48), so that the lookup and the wrap-around write matter.
+        model.support_set.enqueue(tf.constant(_unit_rows(40, 16, 6), tf.float32))
+        traces = []
+        step = model.train_step
+
+        def counting_step(data):
+            traces.append(1)  # Python runs at trace time only
+            return step(data)
+
+        model.train_step = counting_step
+        history = model.fit(_views(n=8 * steps), batch_size=8, epochs=1, shuffle=False,
+                            verbose=0).history
+        return model, history["loss"][0], len(traces)
+
+    def test_xla_assign_step_equals_the_default_step(self):
+        default, default_loss, _ = self._trained(1)
+        xla, xla_loss, _ = self._trained(1, queue_write_mode="assign", jit_compile=True)
+        self.assertEqual(xla.support_set.write_mode, "assign")
+        # XLA fuses and reorders float32 arithmetic: equal to round-off.
+        np.testing.assert_allclose(xla_loss, default_loss, rtol=1e-5)
+        self.assertEqual(int(xla.support_set.count.numpy()), 48)
+        np.testing.assert_allclose(xla.support_set.embeddings.numpy(),
+                                   default.support_set.embeddings.numpy(), atol=1e-5)
+        for a, b in zip(xla.weights, default.weights):
+            np.testing.assert_allclose(np.asarray(a.value), np.asarray(b.value), atol=1e-5,
+                                       err_msg=a.path)
+
+    @parameterized.parameters(({},), ({"queue_write_mode": "assign", "jit_compile": True},))
+    def test_step_is_traced_once(self, kwargs):
+        # Static shapes: one trace for 5 steps, the queue filling and wrapping around included.
+        model, _, traces = self._trained(5, **kwargs)
+        self.assertEqual(int(model.support_set.count.numpy()), 80)
+        self.assertEqual(traces, 1)
+
 if __name__ == "__main__":
     absltest.main()
