@@ -7,7 +7,7 @@ Embedding: `collection.embed` of synthetic uint8 images of mixed sizes with an e
 (--encoder, default a small random ResNet-like export made here; pass runs/demo for the demo's).
 Search: --rows synthetic 64-d rows (a mixture of 1,000 Gaussian clusters, L2-normalised, so that
 neighbours exist as in real embeddings); --queries rows drawn near the collection. Exact is the
-chunked NumPy search; faiss is HNSW (M=32, efSearch=128) when faiss-cpu is installed
+chunked search (TensorFlow matmul and top_k); faiss is HNSW (M=32, efSearch=128) when faiss-cpu is installed
 (`pip install nnclr_tf[search]`), its recall@10 measured against exact.
 """
 
