@@ -1,14 +1,14 @@
 """Using the encoder at scale: embed images/s, and search queries/s with recall@10 (exact vs faiss).
 
     python benchmarks/search.py --rows 100000              # one size
-    python benchmarks/search.py --rows 100000 1000000      # the issue's two sizes (minutes)
+    python benchmarks/search.py --rows 100000 1000000      # 10^5 and 10^6 rows (minutes)
 
 Embedding: `collection.embed` of synthetic uint8 images of mixed sizes with an exported encoder
 (--encoder, default a small random ResNet-like export made here; pass runs/demo for the demo's).
 Search: --rows synthetic 64-d rows (a mixture of 1,000 Gaussian clusters, L2-normalised, so that
 neighbours exist as in real embeddings); --queries rows drawn near the collection. Exact is the
-chunked search (TensorFlow matmul and top_k); faiss is HNSW (M=32, efSearch=128) when faiss-cpu is installed
-(`pip install nnclr_tf[search]`), its recall@10 measured against exact.
+chunked search (TensorFlow matmul and top_k); faiss is HNSW (M=32, efSearch=128) when faiss-cpu
+is installed (`pip install nnclr_tf[search]`), its recall@10 measured against exact.
 """
 
 import argparse
