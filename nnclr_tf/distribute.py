@@ -138,6 +138,15 @@ def is_tpu(strategy: tf.distribute.Strategy | None) -> bool:
 STEPS_PER_EXECUTION_ON_ACCELERATORS = 32
 
 
+def resolve_jit_compile(requested: bool, num_replicas: int, tpu: bool) -> bool:
+    """Whether Keras may XLA-compile the train step: as requested, except under a mirrored
+    strategy of several replicas (GPUs, logical CPUs, workers). There Keras 3 compiles every
+    replica's step into one XLA program on the first device, which cannot reach the others'
+    variables ("Trying to access resource ... located in device GPU:1 from device GPU:0",
+    keras-team/keras#19005). TPUStrategy compiles each replica itself."""
+    return bool(requested) and (tpu or num_replicas <= 1)
+
+
 def resolve_steps_per_execution(requested: int, accelerator: bool) -> int:
     """run.steps_per_execution: `requested` when > 0; for 0 (auto), 32 on GPUs and TPUs, where
     one host dispatch per step would leave the device idle between steps, and 1 on CPUs, where a

@@ -173,6 +173,12 @@ def _pretrain(config, strategy, stop, verbose, callbacks, report) -> PretrainRes
     steps_per_epoch, total_steps = schedule_steps(config, info.num_examples)
     steps_per_execution = distribute.resolve_steps_per_execution(
         r.steps_per_execution, distribute.on_accelerator(strategy))
+    jit_compile = distribute.resolve_jit_compile(r.jit_compile, strategy.num_replicas_in_sync,
+                                                 distribute.is_tpu(strategy))
+    if r.jit_compile and not jit_compile:
+        log.warning("run.jit_compile is off: Keras cannot XLA-compile one step over %d mirrored "
+                    "replicas (keras-team/keras#19005); training continues without XLA.",
+                    strategy.num_replicas_in_sync)
     log.info("Pretraining %s on %s (%d images): %d steps of %d, %s, %d replica(s), %d step(s) "
              "per execution.", config.model.backbone, d.dataset, info.num_examples, total_steps,
              o.batch_size, precision, strategy.num_replicas_in_sync, steps_per_execution)
@@ -180,7 +186,7 @@ def _pretrain(config, strategy, stop, verbose, callbacks, report) -> PretrainRes
     with strategy.scope():
         model = build_model(config, input_shape, info.num_classes)
         optimizer = build_optimizer(config, steps_per_epoch, total_steps)
-        model.compile(optimizer=optimizer, jit_compile=r.jit_compile,
+        model.compile(optimizer=optimizer, jit_compile=jit_compile,
                       steps_per_execution=steps_per_execution)
         optimizer.build(model.trainable_variables)  # its slots mirror the weights: made in the scope
     # Multi-worker: every worker saves each checkpoint (saving is collective), the chief into the

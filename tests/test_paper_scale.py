@@ -2,17 +2,19 @@
 export, step counting under a dynamic loss scale, steps_per_execution, float32 similarities."""
 
 import os
+import pathlib
 import shutil
 import tempfile
 from unittest import mock
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from absl.testing import absltest, parameterized
 from PIL import Image
 
-from conftest import tiny_encoder
+from conftest import run_nnclr, tiny_encoder
 from nnclr_tf import data, distribute, export, losses, preprocessing, similarity, train
 from nnclr_tf.callbacks import CheckpointCallback
 from nnclr_tf.model import NNCLR
@@ -189,7 +191,6 @@ class StepsPerExecutionTest(parameterized.TestCase):
 
     def test_checkpoints_land_by_the_rule_and_training_stops_at_its_step(self):
         with tempfile.TemporaryDirectory() as folder:
-            import pathlib
             config = tiny(pathlib.Path(folder), **{
                 "optim.train_steps": "7", "run.steps_per_execution": "3",
                 "run.checkpoint_every_steps": "2", "run.keep_checkpoints": "10"})
@@ -259,7 +260,14 @@ class Float32SimilarityTest(parameterized.TestCase):
         np.testing.assert_array_equal(np.argmax(neighbours.numpy() @ bank.T, axis=1), expected_nn)
 
 class XlaAssignStepTest(parameterized.TestCase):
-    """The TPU path (queue writes by assign, XLA) on CPU, one replica: the same step."""
+    """The TPU path (queue writes by assign, XLA) on CPU, one replica: the same step. Two logical
+    CPU replicas cannot run it: Keras compiles all replicas' step into one XLA program
+    (keras-team/keras#19005), so training turns XLA off there (`resolve_jit_compile`)."""
+
+    @parameterized.parameters((True, 1, False, True), (True, 8, False, False),
+                              (True, 8, True, True), (False, 1, False, False))
+    def test_jit_compile_only_where_keras_can(self, requested, replicas, tpu, expected):
+        self.assertEqual(distribute.resolve_jit_compile(requested, replicas, tpu), expected)
 
     def _trained(self, steps, **kwargs):
         model = _tiny_nnclr(**{k: v for k, v in kwargs.items() if k == "queue_write_mode"})
@@ -301,6 +309,17 @@ class XlaAssignStepTest(parameterized.TestCase):
         model, _, traces = self._trained(5, **kwargs)
         self.assertEqual(int(model.support_set.count.numpy()), 80)
         self.assertEqual(traces, 1)
+
+@pytest.mark.slow
+def test_jit_compile_on_two_mirrored_replicas_trains_without_xla(tmp_path, embedded_data_dir):
+    done = run_nnclr("pretrain", "--preset=tiny", "--strategy=mirrored", "--cpu_replicas=2",
+                     "--jit_compile", "--model_dir=run", "--train_steps=2", "--batch_size=16",
+                     "--queue_size=64", "--set=run.export=false", "--set=run.report=false",
+                     cwd=tmp_path, data_dir=embedded_data_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run.jit_compile is off" in done.stderr + done.stdout
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-2.index").exists()
+
 
 if __name__ == "__main__":
     absltest.main()
