@@ -120,16 +120,19 @@ class CheckpointCallback(keras.callbacks.Callback):
     a checkpoint is saved at the end of the first execution that reaches or passes each multiple
     of every_steps, so exactly at the multiples when steps_per_execution divides every_steps (or
     is 1), else at most steps_per_execution - 1 steps after them. The step is counted here on the
-    host (the optimizer step is read once per `fit`); the loss is read back once per execution,
-    not per step (a read waits for the device, so the host queues no step past it). The loss
-    read is the epoch's running mean, so a NaN at any step of the execution shows in it: the
-    divergence is reported at the execution's last step, and the last good checkpoint is kept.
+    host (the optimizer step is read once per `fit`). The loss is read back (a read waits for the
+    device, so the host queues no step past it) by the same rule every `loss_check_steps` steps,
+    and before each checkpoint. It is the epoch's running mean, so a NaN at any earlier step
+    shows in it: the divergence is reported at the step of the read, no checkpoint is saved from
+    it, and the last good one is kept.
     """
 
-    def __init__(self, manager: tf.train.CheckpointManager, every_steps: int):
+    def __init__(self, manager: tf.train.CheckpointManager, every_steps: int,
+                 loss_check_steps: int = 1):
         super().__init__()
         self.manager = manager
         self.every_steps = every_steps
+        self.loss_check_steps = loss_check_steps
         self.diverged_at = None
         self.step = 0  # the optimizer step after the last execution, counted on the host
         self._epoch_start = 0
@@ -146,12 +149,20 @@ class CheckpointCallback(keras.callbacks.Callback):
         steps = self.params.get("steps") if self.params else None
         previous = self.step
         self.step = self._epoch_start + (min(batch + 1, steps) if steps else batch + 1)
-        loss = (logs or {}).get("loss")
+        save = self.step // self.every_steps > previous // self.every_steps
+        check = self.step // self.loss_check_steps > previous // self.loss_check_steps
+        loss = (logs or {}).get("loss") if save or check else None
         if loss is not None and not math.isfinite(float(loss)):
             self.diverged_at = self.step
             self.model.stop_training = True
-        elif self.step // self.every_steps > previous // self.every_steps:
+        elif save:
             save_checkpoint(self.manager, self.model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if self.diverged_at is None and loss is not None and not math.isfinite(float(loss)):
+            self.diverged_at = self.step
+            self.model.stop_training = True
 
 
 class TrainingInterrupted(KeyboardInterrupt):

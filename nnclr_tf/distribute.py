@@ -147,13 +147,28 @@ def resolve_jit_compile(requested: bool, num_replicas: int, tpu: bool) -> bool:
     return bool(requested) and (tpu or num_replicas <= 1)
 
 
-def resolve_steps_per_execution(requested: int, accelerator: bool) -> int:
+def resolve_steps_per_execution(requested: int, accelerator: bool, mirrored: bool = False) -> int:
     """run.steps_per_execution: `requested` when > 0; for 0 (auto), 32 on GPUs and TPUs, where
     one host dispatch per step would leave the device idle between steps, and 1 on CPUs, where a
-    step outlasts its dispatch and logs, signals and checkpoints then act at every step."""
+    step outlasts its dispatch and logs, signals and checkpoints then act at every step.
+
+    mirrored: a MirroredStrategy or MultiWorkerMirroredStrategy of several replicas, where it is
+    always 1: Keras 3.15 runs several steps per execution as a while loop whose tf.cond around
+    the step cannot hold the optimizer's merge_call ("You must feed a value for placeholder
+    tensor 'while/body/...'", keras-team/keras#19246).
+    """
+    if mirrored:
+        return 1
     if requested > 0:
         return requested
     return STEPS_PER_EXECUTION_ON_ACCELERATORS if accelerator else 1
+
+
+def is_mirrored(strategy: tf.distribute.Strategy) -> bool:
+    """True for a MirroredStrategy or MultiWorkerMirroredStrategy of more than one replica."""
+    return (isinstance(strategy, (tf.distribute.MirroredStrategy,
+                                  tf.distribute.MultiWorkerMirroredStrategy))
+            and strategy.num_replicas_in_sync > 1)
 
 
 def on_accelerator(strategy: tf.distribute.Strategy) -> bool:

@@ -171,8 +171,13 @@ def _pretrain(config, strategy, stop, verbose, callbacks, report) -> PretrainRes
     # The precision policy depends on the platform the strategy found (TPU: bfloat16).
     precision = distribute.set_precision(r.mixed_precision, strategy)
     steps_per_epoch, total_steps = schedule_steps(config, info.num_examples)
+    accelerator, mirrored = distribute.on_accelerator(strategy), distribute.is_mirrored(strategy)
     steps_per_execution = distribute.resolve_steps_per_execution(
-        r.steps_per_execution, distribute.on_accelerator(strategy))
+        r.steps_per_execution, accelerator, mirrored)
+    if r.steps_per_execution > 1 and steps_per_execution == 1:
+        log.warning("run.steps_per_execution=%d is 1 under %d mirrored replicas: Keras cannot run "
+                    "several steps per execution there (keras-team/keras#19246).",
+                    r.steps_per_execution, strategy.num_replicas_in_sync)
     jit_compile = distribute.resolve_jit_compile(r.jit_compile, strategy.num_replicas_in_sync,
                                                  distribute.is_tpu(strategy))
     if r.jit_compile and not jit_compile:
@@ -254,7 +259,12 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, stop, v
                  "longer, raise --train_steps or --epochs and add --allow_config_change).",
                  r.model_dir, start_step)
         return history
-    checkpoint_callback = CheckpointCallback(checkpoints, every_steps=r.checkpoint_every_steps)
+    # On GPUs and TPUs the host reads the loss back (waiting for the device) once per 32 steps at
+    # most, also where an execution is one step (mirrored replicas).
+    accelerator = distribute.on_accelerator(strategy)
+    checkpoint_callback = CheckpointCallback(
+        checkpoints, every_steps=r.checkpoint_every_steps,
+        loss_check_steps=distribute.STEPS_PER_EXECUTION_ON_ACCELERATORS if accelerator else 1)
     writers = []  # the chief's: the kNN monitor (before the loggers, which record knn_top1), logs
     if chief:
         if config.eval.knn_every_epochs > 0:

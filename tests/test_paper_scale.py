@@ -133,9 +133,11 @@ class AutoPrecisionTest(parameterized.TestCase):
 
 
 class StepsPerExecutionTest(parameterized.TestCase):
-    @parameterized.parameters((0, False, 1), (0, True, 32), (5, True, 5), (5, False, 5))
-    def test_resolved_per_platform(self, requested, accelerator, expected):
-        self.assertEqual(distribute.resolve_steps_per_execution(requested, accelerator), expected)
+    @parameterized.parameters((0, False, False, 1), (0, True, False, 32), (5, True, False, 5),
+                              (5, False, False, 5), (0, True, True, 1), (5, True, True, 1))
+    def test_resolved_per_platform(self, requested, accelerator, mirrored, expected):
+        self.assertEqual(
+            distribute.resolve_steps_per_execution(requested, accelerator, mirrored), expected)
 
     def test_cpu_strategies_are_not_accelerators(self):
         self.assertFalse(distribute.on_accelerator(tf.distribute.get_strategy()))
@@ -149,14 +151,16 @@ class StepsPerExecutionTest(parameterized.TestCase):
         self.assertEqual(train.plan_segments(start, total, per_epoch, per_execution), expected)
 
     @parameterized.parameters(
-        # (steps per execution, steps per epoch, checkpoint every, executions, saved at)
-        (1, 100, 2, 7, [2, 4, 6]),
-        (2, 100, 4, 5, [4, 8]),            # divides: exactly at the multiples
-        (3, 100, 4, 5, [6, 9, 12]),        # the first execution end at or after 4, 8, 12
-        (3, 7, 4, 5, [6, 10, 13]),         # epochs of 7: executions end at 3, 6, 7, 10, 13
+        # (steps per execution, steps per epoch, checkpoint every, executions, saved at,
+        #  loss check every, loss read at)
+        (1, 100, 2, 7, [2, 4, 6], 1, [1, 2, 3, 4, 5, 6, 7]),
+        (2, 100, 4, 5, [4, 8], 1, [2, 4, 6, 8, 10]),  # divides: exactly at the multiples
+        (3, 100, 4, 5, [6, 9, 12], 1, [3, 6, 9, 12, 15]),  # first execution end past 4, 8, 12
+        (3, 7, 4, 5, [6, 10, 13], 1, [3, 6, 7, 10, 13]),  # epochs of 7: ends 3, 6, 7, 10, 13
+        (1, 100, 6, 13, [6, 12], 4, [4, 6, 8, 12]),  # mirrored GPUs: one read per 4 (32) steps
     )
-    def test_checkpoint_rule_and_one_loss_read_per_execution(self, per_execution, steps, every,
-                                                          executions, expected):
+    def test_checkpoint_and_loss_read_rule(self, per_execution, steps, every, executions,
+                                           expected, check_every, expected_reads):
         reads, saved = [], []
 
         class Loss:
@@ -173,7 +177,7 @@ class StepsPerExecutionTest(parameterized.TestCase):
 
         model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
         model.compile(optimizer="sgd", steps_per_execution=per_execution)
-        callback = CheckpointCallback(Manager(), every_steps=every)
+        callback = CheckpointCallback(Manager(), every_steps=every, loss_check_steps=check_every)
         callback.set_model(model)
         callback.set_params({"steps": steps})
         callback.on_train_begin()
@@ -187,7 +191,7 @@ class StepsPerExecutionTest(parameterized.TestCase):
             callback.on_train_batch_end(batch + per_execution - 1, {"loss": Loss()})
             batch += per_execution
         self.assertEqual(saved, expected)
-        self.assertLen(reads, executions)  # one read of the loss per execution, not per step
+        self.assertEqual(reads, expected_reads)  # at most one read of the loss per execution
 
     def test_checkpoints_land_by_the_rule_and_training_stops_at_its_step(self):
         with tempfile.TemporaryDirectory() as folder:
@@ -311,15 +315,20 @@ class XlaAssignStepTest(parameterized.TestCase):
         self.assertEqual(traces, 1)
 
 @pytest.mark.slow
-def test_jit_compile_on_two_mirrored_replicas_trains_without_xla(tmp_path, embedded_data_dir):
+def test_two_mirrored_replicas_fall_back_to_no_xla_and_one_step_per_execution(
+        tmp_path, embedded_data_dir):
     done = run_nnclr("pretrain", "--preset=tiny", "--strategy=mirrored", "--cpu_replicas=2",
-                     "--jit_compile", "--model_dir=run", "--train_steps=2", "--batch_size=16",
+                     "--jit_compile", "--model_dir=run", "--train_steps=5", "--batch_size=16",
                      "--queue_size=64", "--set=run.export=false", "--set=run.report=false",
+                     "--set=run.steps_per_execution=3", "--set=run.keep_checkpoints=10",
                      cwd=tmp_path, data_dir=embedded_data_dir)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "run.jit_compile is off" in done.stderr + done.stdout
-    assert (tmp_path / "run" / "checkpoints" / "ckpt-2.index").exists()
-
+    output = done.stderr + done.stdout
+    assert "run.jit_compile is off" in output
+    assert "run.steps_per_execution=3 is 1 under 2 mirrored replicas" in output
+    saved = sorted(int(name[5:-6]) for name in os.listdir(tmp_path / "run" / "checkpoints")
+                   if name.endswith(".index"))
+    assert saved == [2, 4, 5]  # every 2 steps, one step per execution, and the last
 
 if __name__ == "__main__":
     absltest.main()
