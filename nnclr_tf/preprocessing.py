@@ -22,6 +22,7 @@ def resize_and_centre_crop(images, image_size, crop_fraction=EVAL_CROP_FRACTION)
     Bilinear with antialiasing (so downscaling averages, as PIL's bilinear does); the result is
     clipped to [0, 1] against resampling overshoot.
     """
+    images = tf.convert_to_tensor(images)  # NumPy arrays too
     if tuple(images.shape[-3:-1]) == (image_size, image_size):
         return images
     shape = tf.shape(images)

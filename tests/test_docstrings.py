@@ -38,6 +38,11 @@ projection_head = ProjectionHead()
 """,
     "nnclr_tf.batch_norm": "import numpy as np\nx = np.random.rand(4, 8).astype('float32')\n",
     "nnclr_tf.data.subsets": "import numpy as np\nlabels = np.repeat(np.arange(10), 300)\n",
+    "nnclr_tf.preprocessing": "import numpy as np\nimages_float01 = np.random.rand(2, 375, 500, 3)\n",
+    "nnclr_tf.similarity": """
+import numpy as np
+anchors, predictions = np.random.rand(4, 8).astype("float32"), np.random.rand(6, 8).astype("float32")
+""",
     "nnclr_tf.evaluation.features": _TINY_ENCODER + """
 x_test = np.random.rand(20, 32, 32, 3).astype("float32")
 y_test = np.arange(20) % 4
