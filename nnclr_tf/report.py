@@ -11,6 +11,7 @@ the same config, the kNN monitor that reports kNN top-1 during pretraining.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -76,13 +77,28 @@ def encoder_scores(encoder, config: Config, num_classes: int) -> dict:
             "num_train": len(train_y), "num_test": len(test_y)}
 
 
+def raw_pixel_size(config: Config) -> int:
+    """The side at which raw pixels are scored: the stored images' when they are smaller than
+    data.image_size (Fashion-MNIST's 28 px for the 56 px demo), since upsampling is a linear map
+    that adds no information but multiplies the probe's features (and its time) by 4; else
+    data.image_size."""
+    d = config.data
+    height, width, _ = dataset_info(d.dataset, d.eval_split, d.data_dir,
+                                    holdout_fraction=d.holdout_fraction).image_shape
+    if height and width:
+        return min(d.image_size, height, width)
+    return d.image_size
+
+
 def raw_pixel_scores(config: Config, num_classes: int) -> dict:
     """encoder_scores with the identity encoder: flattened pixels [batch, H * W * C] in [0, 1].
 
     The baseline every learned representation has to beat, through the very same kNN and linear
-    probe (so it also checks them). Sized for small images: 28x28x1 gives 784 features.
+    probe (so it also checks them), at `raw_pixel_size`. Sized for small images: 28x28x1 gives
+    784 features.
     """
-    size, channels = config.data.image_size, _channels(config)
+    size, channels = raw_pixel_size(config), _channels(config)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=size))
     flatten = keras.layers.Flatten(dtype="float32")  # float32 even under a mixed policy
     pixels = keras.Sequential([keras.Input((size, size, channels)), flatten], name="raw_pixels")
     return encoder_scores(pixels, config, num_classes)
@@ -95,8 +111,8 @@ def _channels(config: Config) -> int:
 
 
 def raw_pixel_features(config: Config) -> int:
-    """The length of a raw-pixel feature vector: image_size^2 x channels."""
-    return config.data.image_size ** 2 * _channels(config)
+    """The length of a raw-pixel feature vector: raw_pixel_size^2 x channels."""
+    return raw_pixel_size(config) ** 2 * _channels(config)
 
 
 def random_encoder(config: Config, input_shape):
@@ -144,6 +160,8 @@ def write_report(model, config: Config, run_dir: RunDir, input_shape, info) -> d
         # The baseline a representation has to beat: the pixels it was computed from.
         if raw_pixel_features(config) <= RAW_PIXEL_LIMIT:
             report["raw_pixels"] = raw_pixel_scores(config, info.num_classes)
+            size = raw_pixel_size(config)
+            report["raw_pixels"]["pixels"] = f"{size}x{size}x{_channels(config)}"
         report["random_init"] = encoder_scores(random_encoder(config, input_shape), config,
                                                info.num_classes)
         report["protocol"] = protocol(config, report["trained"])
@@ -227,7 +245,9 @@ def format_report(report: dict) -> str:
                   f"from frozen features; bank and probe training set: {p['num_train']} images of "
                   f"the '{p['train_split']}' split. kNN: k={p['knn_k']} cosine neighbours, votes "
                   f"weighted exp(cosine / {p['knn_temperature']}). Linear probe: "
-                  f"{p['linear_probe']}.", "",
+                  f"{p['linear_probe']}."
+                  + (f" Raw pixels: the {report['raw_pixels']['pixels']} stored images, flattened."
+                     if "pixels" in report.get("raw_pixels", {}) else ""), "",
                   "| encoder | kNN top-1 (%) | linear-probe top-1 (%) |",
                   "| --- | --- | --- |"]
         for name in ("trained", "raw_pixels", "random_init"):

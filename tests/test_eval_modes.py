@@ -158,3 +158,13 @@ def test_report_says_in_one_sentence_whether_the_encoder_beats_raw_pixels(traine
     assert report.raw_pixel_verdict(scores, 784) == f"The trained encoder {expected}"
     del scores["raw_pixels"]
     assert "150528 features" in report.raw_pixel_verdict(scores, 150528)
+
+
+def test_raw_pixels_are_scored_at_the_stored_size_never_upsampled(run):
+    from nnclr_tf import config as cfg, report
+
+    config = tiny_config(run)  # image_size=16: below the stored 28 px, scored as trained
+    assert report.raw_pixel_size(config) == 16
+    upsampled = cfg.override(config, {"data.image_size": 56, "model.cifar_stem": False})
+    assert report.raw_pixel_size(upsampled) == 28  # the demo's 56 px input: 784 raw features
+    assert report.raw_pixel_features(upsampled) == 28 * 28

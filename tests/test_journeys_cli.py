@@ -131,7 +131,8 @@ def advice(stderr):
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
 def test_imagenet_stem_on_small_images_one_sentence_whose_advice_works(tmp_path, backbone):
-    args = ("--preset=demo", f"--backbone={backbone}", "--set=model.cifar_stem=false")
+    args = ("--preset=demo", f"--backbone={backbone}", "--set=model.cifar_stem=false",
+            "--image_size=28")
     done = run_nnclr("pretrain", *args, "--model_dir=runs/x", cwd=tmp_path, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
