@@ -358,6 +358,12 @@ def validate(config: Config) -> Config:
     _check(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}.")
     _check(e.knn_k >= 1, f"eval.knn_k must be >= 1, got {e.knn_k}.")
     _check(e.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {e.knn_temperature}.")
+    for name in ("linear_batch_size", "finetune_batch_size", "linear_epochs", "finetune_epochs"):
+        _check(getattr(e, name) >= 1, f"eval.{name} must be >= 1, got {getattr(e, name)}.")
+    for name in ("linear_learning_rate", "finetune_learning_rate"):
+        _check(getattr(e, name) > 0, f"eval.{name} must be > 0, got {getattr(e, name)}.")
+    _check(e.max_eval_examples >= 0,
+           f"eval.max_eval_examples must be >= 0 (0: the whole split), got {e.max_eval_examples}.")
     _check(0 < e.label_fraction <= 1, f"eval.label_fraction must be in (0, 1], got {e.label_fraction}.")
     _check(r.checkpoint_every_steps >= 1,
            f"run.checkpoint_every_steps must be >= 1, got {r.checkpoint_every_steps}.")

@@ -10,7 +10,10 @@ import subprocess
 import sys
 import tempfile
 
-import keras
+# The kernels the `nnclr` command runs (nnclr_tf.cli.run sets this before TensorFlow loads).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+import keras  # noqa: E402  (after the environment TensorFlow reads once)
 import numpy as np
 import pytest
 

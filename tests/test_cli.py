@@ -2,6 +2,8 @@
 and its one-sentence errors."""
 
 import json
+import os
+import sys
 
 import pytest
 from conftest import run_nnclr
@@ -72,3 +74,20 @@ def test_unknown_or_missing_mode_is_a_usage_error(tmp_path):
     done = run_nnclr(cwd=tmp_path, timeout=120)
     assert done.returncode == 2
     assert "got nothing" in done.stderr and "nnclr --help" in done.stderr
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_the_command_turns_onednn_on_unless_told_otherwise(monkeypatch, preset, expected):
+    # TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, on import: the entry point must set it before
+    # anything loads TensorFlow, and leave a user's explicit choice alone.
+    from nnclr_tf import cli
+
+    if preset is None:
+        monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    else:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", preset)
+    monkeypatch.setattr(sys, "argv", ["nnclr", "--help"])
+    with pytest.raises(SystemExit) as done:
+        cli.run()
+    assert done.value.code in (0, None)  # help printed, success
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == expected

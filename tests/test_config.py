@@ -64,6 +64,10 @@ class OverrideTest(parameterized.TestCase):
         ("unknown_section", {"modle.queue_size": "5"}, "Unknown config section 'modle'"),
         ("no_dot", {"queue_size": "5"}, "must look like section.field"),
         ("bool", {"run.jit_compile": "maybe"}, "not a valid bool"),
+        ("finetune_batch", {"eval.finetune_batch_size": "0"}, "eval.finetune_batch_size must be >= 1, got 0"),
+        ("linear_batch", {"eval.linear_batch_size": "-4"}, "eval.linear_batch_size must be >= 1, got -4"),
+        ("finetune_lr", {"eval.finetune_learning_rate": "0"}, "eval.finetune_learning_rate must be > 0"),
+        ("eval_examples", {"eval.max_eval_examples": "-1"}, "eval.max_eval_examples must be >= 0"),
     )
     def test_bad_values_raise_one_clear_sentence(self, overrides, pattern):
         with self.assertRaisesRegex(cfg.ConfigError, pattern) as caught:
