@@ -169,10 +169,40 @@ class RandomResizedCrop(_ImageLayer):
 
     def sample_boxes(self, images):
         """[batch, 4] normalised boxes (y1, x1, y2, x2) for images [batch, H, W, C]."""
-        height = tf.cast(tf.shape(images)[1], tf.float32)
-        width = tf.cast(tf.shape(images)[2], tf.float32)
-        area = self._uniform(images, [self.attempts], *self.scale)
-        log_ratio = self._uniform(images, [self.attempts], *map(math.log, self.ratio))
+        return self._boxes(images, tf.shape(images)[1], tf.shape(images)[2])
+
+    def crop_window(self, image_shape, seed=None):
+        """One image's crop as the pixels to decode, for `tf.image.decode_and_crop_jpeg`.
+
+        image_shape: [H, W] or [H, W, C] of the whole image; seed: as for `call`. Returns (window
+        [4] int32 (top, left, height, width), box [4] float32): cropping `box` from image[window]
+        (`call(window_pixels, crop_box=box)`) samples the very points that cropping the box drawn
+        here from the whole image does, and a call with the same seed draws the same box. The
+        window is that box's pixels plus one on each side (bilinear neighbours, float rounding).
+        """
+        shape = tf.cast(image_shape, tf.int32)
+        self._call_seed = None if seed is None else tf.cast(seed, tf.int64)
+        self._draws = 0
+        try:  # drawn as call() draws for one image: a batch of one
+            box = self._boxes(tf.zeros([1]), shape[0], shape[1])[0]
+        finally:
+            self._call_seed = None
+        # crop_and_resize samples rows y1 * (H - 1) ... y2 * (H - 1) (columns alike).
+        last = tf.cast(shape[:2] - 1, tf.float32)
+        first_point, last_point = box[:2] * last, box[2:] * last
+        start = tf.maximum(tf.floor(first_point) - 1.0, 0.0)
+        end = tf.minimum(tf.math.ceil(last_point) + 1.0, last)
+        span = tf.maximum(end - start, 1.0)  # window side - 1; a one-pixel side samples point 0
+        inner = tf.concat([(first_point - start) / span, (last_point - start) / span], axis=0)
+        window = tf.cast(tf.concat([start, end - start + 1.0], axis=0), tf.int32)
+        return window, tf.where(tf.concat([end > start] * 2, axis=0), inner, 0.0)
+
+    def _boxes(self, like, height, width):
+        """[batch, 4] boxes for images of one size; like: any tensor whose first axis is the batch."""
+        height = tf.cast(height, tf.float32)
+        width = tf.cast(width, tf.float32)
+        area = self._uniform(like, [self.attempts], *self.scale)
+        log_ratio = self._uniform(like, [self.attempts], *map(math.log, self.ratio))
         # Widths and heights as fractions of the image side: w * W / (h * H) = exp(log_ratio).
         w = tf.sqrt(area * tf.exp(log_ratio) * height / width)
         h = tf.sqrt(area * tf.exp(-log_ratio) * width / height)
@@ -187,12 +217,16 @@ class RandomResizedCrop(_ImageLayer):
         w = tf.where(found, w, fallback_w)
         h = tf.where(found, h, fallback_h)
         centre = tf.fill(tf.shape(w), 0.5)
-        y = (1.0 - h) * tf.where(found, self._uniform(images), centre)
-        x = (1.0 - w) * tf.where(found, self._uniform(images), centre)
+        y = (1.0 - h) * tf.where(found, self._uniform(like), centre)
+        x = (1.0 - w) * tf.where(found, self._uniform(like), centre)
         return tf.stack([y, x, y + h, x + w], axis=1)
 
     def _augment(self, images):
         return self._crop(images, self.sample_boxes(images))
+
+    def crop(self, images, boxes):
+        """Crops the given normalised boxes [batch, 4] (or [4]) of images [batch, H, W, C], resized."""
+        return self._crop(images, tf.reshape(tf.cast(boxes, tf.float32), [-1, 4]))
 
     def _inference(self, images):
         return self._crop(images, tf.tile([[0.0, 0.0, 1.0, 1.0]], [tf.shape(images)[0], 1]))
@@ -462,6 +496,25 @@ class ViewAugmenter(_ImageLayer):
                 stage = RandomApply(makers[name](), p[name], seed=next(seeds), name=name)
                 self.stages.append(stage)
 
+    def call(self, images, training=True, seed=None, crop_box=None):
+        """crop_box: optional [4] (or [batch, 4]) normalised box that the crop stage cuts instead of
+        drawing one: with images = the pixels of `crop_window(shape, seed)` and the box it returns,
+        the view equals the view of the whole image under the same seed (a crop decoded alone)."""
+        self._crop_box = crop_box
+        try:
+            return super().call(images, training=training, seed=seed)
+        finally:
+            self._crop_box = None
+
+    def crop_window(self, image_shape, seed=None):
+        """(window [4] int32 (top, left, height, width), box [4]) of the crop that a call with
+        `seed` draws for an image of `image_shape` ([H, W(, C)]); see RandomResizedCrop.crop_window.
+        Decode only the window (tf.image.decode_and_crop_jpeg) and pass the box as `crop_box`."""
+        crop_seed = None
+        if seed is not None:  # the seed `call` hands the crop stage (_child_seed(0))
+            crop_seed = tf.random.fold_in(tf.random.fold_in(tf.cast(seed, tf.int64), 1), 0)
+        return self.stages[0].crop_window(image_shape, seed=crop_seed)
+
     def stage(self, name):
         """The stage layer called `name` ("crop", "flip", ...), or None where the view omits it."""
         return next((s for s in self.stages if s.name == name), None)
@@ -498,6 +551,9 @@ class ViewAugmenter(_ImageLayer):
     def _augment(self, images):
         images = self._checked(images)
         for index, stage in enumerate(self.stages):
+            if index == 0 and getattr(self, "_crop_box", None) is not None:
+                images = stage.crop(images, self._crop_box)
+                continue
             images = self._call_child(stage, images, index, training=True)
         return tf.clip_by_value(images, 0.0, 1.0)
 

@@ -11,7 +11,7 @@ each input pipeline then reads a disjoint part of the split and batches the per-
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf.data import folders, sources, subsets
+from nnclr_tf.data import folders, jpeg, sources, subsets
 from nnclr_tf.preprocessing import resize_and_centre_crop  # noqa: F401 (also exported here)
 
 EVAL_AUGMENTATIONS = (None, "crop_flip")
@@ -67,7 +67,8 @@ def _maybe_cache(ds, info, count):
 def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_size=256,
                         image_size=32, augment="byol", crop_scale=(0.08, 1.0), with_labels=True,
                         input_context=None, shuffle_buffer=10_000, seed=0, download=False,
-                        channels=None, initial_step=0, holdout_fraction=_HOLDOUT):
+                        channels=None, initial_step=0, holdout_fraction=_HOLDOUT,
+                        jpeg_decode="union"):
     """Endless, shuffled batches of two augmented views of each image.
 
     Returns a tf.data.Dataset of {"view_1": [B, S, S, C] float32 in [0, 1], "view_2": same,
@@ -81,9 +82,17 @@ def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_
     `initial_step=0` (a resumed run sees the data an uninterrupted one would), and gets there
     without augmenting what it skips: whole epochs cost nothing, the rest of one is read only.
     holdout_fraction: what an image folder without test/ holds out of "train" (folders.scan_folder).
+
+    Images of varying size stored as JPEG (TFDS datasets such as imagenet2012, folders of
+    .jpg/.jpeg files) are not decoded whole unless jpeg_decode="full": the views' crop windows are drawn from the size
+    in the JPEG header and only they are decoded (tf.image.decode_and_crop_jpeg), "union" once
+    for the window holding both, "crops" once per view. The views are those of "full" (same
+    draws, same sampled points) up to JPEG decoding at the window's edges.
     """
     if not isinstance(initial_step, (int, np.integer)) or initial_step < 0:
         raise ValueError(f"initial_step must be an integer >= 0, got {initial_step!r}.")
+    if jpeg_decode not in jpeg.JPEG_DECODES:
+        raise ValueError(f"jpeg_decode must be one of {jpeg.JPEG_DECODES}, got {jpeg_decode!r}.")
     source = sources.resolve(dataset, split, data_dir, download, channels, holdout_fraction)
     info = source.info
     shard, local_batch = _sharding(input_context, batch_size)
@@ -99,6 +108,10 @@ def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_
     in_memory = _fits_in_memory(info, count)
     ds = _shuffled_epochs(source, shard, in_memory, key, shuffle_buffer, seed, first_epoch)
     ds = ds.skip(offset)  # within one epoch: cached images, else still encoded; never augmented
+    varying_size = not (info.image_shape[0] and info.image_shape[1])
+    if not in_memory and varying_size and source.decode_crops is not None and jpeg_decode != "full":
+        return _views_of_jpeg_crops(ds, source, (augment_1, augment_2), key, keep_labels,
+                                    local_batch, initial_step, jpeg_decode == "union", shard)
     if not in_memory:
         ds = source.decode(ds)
 
@@ -124,6 +137,38 @@ def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_
                 num_parallel_calls=tf.data.AUTOTUNE)
     if not (info.image_shape[0] and info.image_shape[1]):
         ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.with_options(_options(shard)).prefetch(tf.data.AUTOTUNE)
+
+
+def _views_of_jpeg_crops(ds, source, augmenters, key, keep_labels, local_batch, initial_step,
+                         union, shard):
+    """pretraining_dataset's views of still-encoded JPEG examples, decoding only their crops.
+
+    Element i (counted as the whole-image path counts, one by one) draws each view's window with
+    the seed that view's augmenter is then called with, so the views are the whole-image path's.
+    """
+    def seeds(index):
+        index_key = tf.random.fold_in(key, index)
+        return [tf.random.fold_in(index_key, view) for view in (1, 2)]
+
+    def choose(index, shape):
+        return [augmenter.crop_window(shape, seed=seed)
+                for augmenter, seed in zip(augmenters, seeds(index))]
+
+    def two_views(index, crops, labels):
+        views = {f"view_{view}": augmenter(tf.image.convert_image_dtype(crop, tf.float32),
+                                           seed=seed, crop_box=box)
+                 for view, augmenter, seed, (crop, box)
+                 in zip((1, 2), augmenters, seeds(index), crops)}
+        if keep_labels:
+            views["label"] = labels
+        return views
+
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(initial_step * local_batch), ds)
+    ds = ds.map(lambda index, example: (index, *example))
+    ds = source.decode_crops(ds, choose, union)
+    ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True)
     return ds.with_options(_options(shard)).prefetch(tf.data.AUTOTUNE)
 
 

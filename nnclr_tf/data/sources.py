@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from nnclr_tf.data import folders, subsets, tfds_builder
+from nnclr_tf.data import folders, jpeg, subsets, tfds_builder
 
 ALIASES = {"embedded": f"{tfds_builder.BUILDER_NAME}/embedded",
            "fashion_mnist_full": f"{tfds_builder.BUILDER_NAME}/full"}
@@ -55,11 +55,26 @@ class Source:
     read(..., encoded=True) yields (encoded image, label) instead, and decode(dataset) turns such a
     dataset into (uint8 image, label): examples can be shuffled and skipped before decoding.
     labels() -> [N] int32 labels of all examples, in that order.
+    decode_crops(dataset, choose, union): for sources that store JPEG (else None), turns a dataset of
+    (index, encoded image, label) into (index, ((crop uint8, extra), ...), label), decoding only the
+    windows that choose(index, [height, width]) -> [(window, extra), ...] picks (jpeg.decode_crops).
     """
     info: DatasetInfo
     read: object
     labels: object
     decode: object = None
+    decode_crops: object = None
+
+
+def _crops_decoder(contents_of, decode_channels, channels):
+    """Source.decode_crops for images whose bytes contents_of(encoded) gives."""
+    def decode_crops(ds, choose, union=True):
+        def crops(index, encoded, label):
+            pairs = jpeg.decode_crops(contents_of(encoded), lambda shape: choose(index, shape),
+                                      decode_channels, union)
+            return index, tuple((to_channels(crop, channels), extra) for crop, extra in pairs), label
+        return ds.map(crops, num_parallel_calls=tf.data.AUTOTUNE)
+    return decode_crops
 
 
 def to_channels(image, channels):
@@ -189,7 +204,11 @@ def _tfds_source(dataset, name, split, data_dir, download, channels):
         ds = ds.map(lambda ex: tf.cast(ex["label"], tf.int32)).batch(8192)
         return np.concatenate([batch.numpy() for batch in ds] or [np.zeros([0], np.int32)])
 
-    return Source(info=info, read=read, labels=labels, decode=decode)
+    stored_as_jpeg = (getattr(features["image"], "encoding_format", None) == "jpeg"
+                      and tf.as_dtype(features["image"].dtype) == tf.uint8)
+    decode_crops = (_crops_decoder(tf.identity, native or channels, channels) if stored_as_jpeg
+                    else None)
+    return Source(info=info, read=read, labels=labels, decode=decode, decode_crops=decode_crops)
 
 
 def _folder_source(dataset, split, channels, holdout_fraction):
@@ -219,7 +238,15 @@ def _folder_source(dataset, split, channels, holdout_fraction):
             num_parallel_calls=tf.data.AUTOTUNE)
         return ds.ignore_errors(log_warning=True)  # as folder_dataset: a bad file is left out
 
-    return Source(info=info, read=read, labels=lambda: scan.labels.copy(), decode=decode)
+    decode_crops = None
+    if all(p.lower().endswith((".jpg", ".jpeg")) for p in scan.paths):
+        crops_of_file = _crops_decoder(tf.io.read_file, 3, channels)
+
+        def decode_crops(ds, choose, union=True):
+            # As decode(): a file that fails to decode is left out.
+            return crops_of_file(ds, choose, union).ignore_errors(log_warning=True)
+    return Source(info=info, read=read, labels=lambda: scan.labels.copy(), decode=decode,
+                  decode_crops=decode_crops)
 
 
 def resolve(dataset, split="train", data_dir=None, download=False, channels=None,

@@ -1,0 +1,59 @@
+"""Decoding only the crops of a JPEG that training uses (`tf.image.decode_and_crop_jpeg`).
+
+    choose = lambda shape: [view_1.crop_window(shape, seed_1), view_2.crop_window(shape, seed_2)]
+    (crop_1, box_1), (crop_2, box_2) = decode_crops(contents, choose, union=True)
+    views = view_1(crop_1, seed=seed_1, crop_box=box_1), view_2(crop_2, seed=seed_2, crop_box=box_2)
+
+The windows are drawn from the image's size, read from the JPEG header, before any pixel is
+decoded. Bytes that are not a JPEG (a PNG named .jpg) are decoded whole and cut to the same windows.
+"""
+
+import tensorflow as tf
+
+# pretraining_dataset(jpeg_decode=...): "full" decodes the whole image and crops it (the path of
+# every other format), "crops" decodes each view's window on its own, "union" decodes once the
+# smallest window holding both. benchmarks/input_pipeline.py measures them (BUILD.md).
+JPEG_DECODES = ("union", "crops", "full")
+
+
+def _cut(image, window):
+    return tf.slice(image, [window[0], window[1], 0], [window[2], window[3], -1])
+
+
+def decode_crops(contents, choose, channels=3, union=True):
+    """Decodes the windows `choose` picks from one encoded image.
+
+    Args:
+      contents: scalar string, the encoded image (JPEG; any tf.io.decode_image format works).
+      choose: function of the image's [height, width] (int32) returning a list of (window [4]
+        int32 (top, left, height, width), extra); `extra` is handed back untouched.
+      channels: channels to decode (1 or 3).
+      union: decode the smallest window holding all windows once and cut them from it; else
+        decode each window on its own (each costs its rows' entropy decoding again).
+
+    Returns:
+      A list of (crop [height, width, channels] uint8, extra), one per window.
+    """
+    def jpeg():
+        picks = choose(tf.image.extract_jpeg_shape(contents)[:2])
+        windows = [window for window, _ in picks]
+        if union and len(windows) > 1:
+            top_left = tf.reduce_min(tf.stack([w[:2] for w in windows]), axis=0)
+            bottom_right = tf.reduce_max(tf.stack([w[:2] + w[2:] for w in windows]), axis=0)
+            image = tf.image.decode_and_crop_jpeg(
+                contents, tf.concat([top_left, bottom_right - top_left], 0), channels=channels)
+            crops = [_cut(image, tf.concat([w[:2] - top_left, w[2:]], 0)) for w in windows]
+        else:
+            crops = [tf.image.decode_and_crop_jpeg(contents, w, channels=channels)
+                     for w in windows]
+        return [(crop, extra) for crop, (_, extra) in zip(crops, picks)]
+
+    def other():
+        image = tf.io.decode_image(contents, channels=channels, expand_animations=False,
+                                   dtype=tf.uint8)
+        return [(_cut(image, window), extra) for window, extra in choose(tf.shape(image)[:2])]
+
+    pairs = tf.cond(tf.io.is_jpeg(contents), jpeg, other)
+    for crop, _ in pairs:
+        crop.set_shape([None, None, channels])
+    return list(pairs)
