@@ -8,7 +8,7 @@
 Strategies ("auto" takes the first that applies):
   tpu           TPUStrategy, when a TPU cluster resolver answers (Cloud TPU VM, or TPU_NAME set)
   multi_worker  MultiWorkerMirroredStrategy, when TF_CONFIG describes a cluster (one process
-                per worker; the Keras 3.15 workarounds it needs live in `nnclr_tf.model`)
+                per worker; the Keras workarounds it needs live in `nnclr_tf.keras_workarounds`)
   mirrored      MirroredStrategy over all local GPUs when there are several, else over the
                 logical CPUs that `cpu_replicas=N` splits the CPU into (to test on one machine)
   default       one device
@@ -24,6 +24,7 @@ import os
 import keras
 import tensorflow as tf
 
+from nnclr_tf import keras_workarounds
 from nnclr_tf.config import STRATEGIES, ConfigError
 
 # Signs of a TPU host: only then is a cluster resolver asked (off TPUs it may wait on the network).
@@ -140,11 +141,9 @@ STEPS_PER_EXECUTION_ON_ACCELERATORS = 32
 
 def resolve_jit_compile(requested: bool, num_replicas: int, tpu: bool) -> bool:
     """Whether Keras may XLA-compile the train step: as requested, except under a mirrored
-    strategy of several replicas (GPUs, logical CPUs, workers). There Keras 3 compiles every
-    replica's step into one XLA program on the first device, which cannot reach the others'
-    variables ("Trying to access resource ... located in device GPU:1 from device GPU:0",
-    keras-team/keras#19005). TPUStrategy compiles each replica itself."""
-    return bool(requested) and (tpu or num_replicas <= 1)
+    strategy of several replicas (GPUs, logical CPUs, workers), where Keras cannot
+    (`keras_workarounds.jit_compile_supported`, keras-team/keras#19005)."""
+    return bool(requested) and keras_workarounds.jit_compile_supported(num_replicas, tpu)
 
 
 def resolve_steps_per_execution(requested: int, accelerator: bool, mirrored: bool = False) -> int:
@@ -153,11 +152,10 @@ def resolve_steps_per_execution(requested: int, accelerator: bool, mirrored: boo
     step outlasts its dispatch and logs, signals and checkpoints then act at every step.
 
     mirrored: a MirroredStrategy or MultiWorkerMirroredStrategy of several replicas, where it is
-    always 1: Keras 3.15 runs several steps per execution as a while loop whose tf.cond around
-    the step cannot hold the optimizer's merge_call ("You must feed a value for placeholder
-    tensor 'while/body/...'", keras-team/keras#19246).
+    always 1: Keras cannot run several steps per execution there
+    (`keras_workarounds.multi_step_execution_supported`, keras-team/keras#19246).
     """
-    if mirrored:
+    if not keras_workarounds.multi_step_execution_supported(mirrored):
         return 1
     if requested > 0:
         return requested

@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 from keras.src.utils import summary_utils  # Keras' own byte formatting, for `summary`
 
-from nnclr_tf import inputs
+from nnclr_tf import inputs, keras_workarounds
 from nnclr_tf.heads import LinearProbe, PredictionHead, ProjectionHead
 from nnclr_tf.losses import contrastive_accuracy, nnclr_loss
 from nnclr_tf.support_set import SupportSet
@@ -35,14 +35,7 @@ POSITIVES = ("nn", "self")
 
 def _logs(metrics):
     """{name: result} of `metrics`, shaped for the strategy that runs the step."""
-    logs = {m.name: m.result() for m in metrics}
-    strategy = tf.distribute.get_strategy()
-    # Keras 3.15 reduces logs across MultiWorkerMirroredStrategy workers with
-    # strategy.reduce(MEAN, axis=0), which fails on scalars: give them one axis there.
-    if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode()):  # pylint: disable=protected-access
-        logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
-    return logs
+    return keras_workarounds.logs_for_strategy({m.name: m.result() for m in metrics})
 
 
 def advance_step(optimizer, step_before):
@@ -276,9 +269,7 @@ class NNCLR(keras.Model):
         batch = tf.shape(view_1)[0]
 
         def gather(t):
-            # tf.identity: all_gather of a tensor straight from the input pipeline trips
-            # MultiWorkerMirroredStrategy.
-            return ctx.all_gather(tf.identity(t), axis=0) if num_replicas > 1 else t
+            return keras_workarounds.all_gather(ctx, t) if num_replicas > 1 else t
 
         with tf.GradientTape() as tape:
             features = self.encoder(tf.concat([view_1, view_2], axis=0), training=True)
@@ -333,18 +324,9 @@ class NNCLR(keras.Model):
         return _logs(logs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras 3.15 (TensorFlow backend, under a strategy) pulls a first batch and
-        # strategy.reduce()s it to build the model symbolically before fit/evaluate; under
-        # MultiWorkerMirroredStrategy that reduce fails on a dict or tuple batch (and costs a
-        # cross-worker collective). NNCLR creates all its weights in build(), so only the
-        # optimizer can be left to build.
-        if self._distribute_strategy is None or not all(
-                layer.built for layer in self._flatten_layers()):
-            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        with self.distribute_strategy.scope():
-            if self.optimizer is not None and not self.optimizer.built:
-                self.optimizer.build(self.trainable_variables)
-        return None
+        # NNCLR creates all its weights in build(): see keras_workarounds.build_optimizer_only.
+        return keras_workarounds.build_optimizer_only(
+            self, super()._maybe_symbolic_build, iterator=iterator, data_batch=data_batch)
 
     def test_step(self, data):
         if isinstance(data, collections.abc.Mapping):
