@@ -131,6 +131,17 @@ def check_same_step(strategy: tf.distribute.Strategy, step: int, model_dir: str)
             "checkpoints to each worker's model dir.")
 
 
+def wait_for_chief(strategy: tf.distribute.Strategy) -> None:
+    """Every worker of a multi-worker run joins one last collective here: the others after
+    training, the chief after its report and export. A worker that exited while the chief still
+    evaluated would stop sending heartbeats, and the chief's coordination service would report it
+    as crashed and abort the cluster's collectives. Elsewhere it does nothing."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    done = tf.constant(1.0)
+    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(done)), axis=None)
+
+
 def is_tpu(strategy: tf.distribute.Strategy | None) -> bool:
     return isinstance(strategy, (tf.distribute.TPUStrategy,
                                  tf.distribute.experimental.TPUStrategy))

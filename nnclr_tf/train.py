@@ -213,15 +213,22 @@ def _pretrain(config, strategy, stop, verbose, callbacks, report) -> PretrainRes
             shutil.rmtree(scratch, ignore_errors=True)
 
     result = PretrainResult(model=model, history=history, report={}, model_dir=r.model_dir)
-    if not chief:
-        return result
+    try:
+        if chief:
+            _finish_on_chief(model, config, run_dir, input_shape, info, report, result)
+    finally:
+        distribute.wait_for_chief(strategy)  # the other workers stay until the chief is done
+    return result
+
+
+def _finish_on_chief(model, config, run_dir, input_shape, info, report, result) -> None:
+    r = config.run
     if report if report is not None else r.report:
         from nnclr_tf.report import write_report  # plotting and evaluation only after training
         result.report = write_report(model, config, run_dir, input_shape, info)
     elif r.export:
         run_dir.export(model, input_shape)
     run_dir.save_model(model)
-    return result
 
 
 def _train(model, config, info, run_dir, checkpoints, start_step, chief, stop, verbose,
