@@ -20,6 +20,7 @@ negatives -> gradients -> optimizer -> enqueue the all-gathered z of view 1.
 import collections.abc
 import inspect
 import re
+import typing
 
 import keras
 import tensorflow as tf
@@ -54,6 +55,39 @@ def advance_step(optimizer, step_before):
 
 def _flat_labels(labels):
     return None if labels is None else tf.reshape(tf.cast(labels, tf.int32), [-1])
+
+
+class _Replicas(typing.NamedTuple):
+    """The replica context a step runs in (None outside any strategy) and the replica count."""
+    context: tf.distribute.ReplicaContext | None
+    count: int
+
+    @classmethod
+    def current(cls):
+        context = tf.distribute.get_replica_context()
+        return cls(context, context.num_replicas_in_sync if context is not None else 1)
+
+    def gather(self, t):
+        """Every replica's rows of `t` [batch, ...] in replica order; `t` itself on one."""
+        return keras_workarounds.all_gather(self.context, t) if self.count > 1 else t
+
+
+class _Views(typing.NamedTuple):
+    """One replica's tensors of a step: float32 [batch, dim] unless said otherwise."""
+    features_1: tf.Tensor  # encoder features of view 1, [batch, features]
+    z_1: tf.Tensor  # L2-normalised projections
+    z_2: tf.Tensor
+    p_1: tf.Tensor  # L2-normalised predictions
+    p_2: tf.Tensor
+    anchors_1: tf.Tensor  # the positive paired with p_2: NN(z_1) (z_1 when positive="self")
+    anchors_2: tf.Tensor  # the positive paired with p_1
+    nn_labels: tf.Tensor  # labels of NN(z_1), [batch] int32, -1 where unknown
+
+
+class _Negatives(typing.NamedTuple):
+    """`nnclr_loss`'s cross-replica arguments: `gathered` (None on one replica), label_offset."""
+    gathered: tuple | None
+    label_offset: tf.Tensor | int
 
 
 @keras.saving.register_keras_serializable(package="nnclr_tf")
@@ -250,74 +284,125 @@ class NNCLR(keras.Model):
         self.probe_acc_tracker.update_state(accuracy)
         return loss
 
-    def _sampling_seeds(self, ctx, num_replicas):
+    def _sampling_seeds(self, replicas):
         """Stateless seeds for the top-k draw of each view: (seed, step) folded with the replica."""
         if self.top_k == 1:
             return None, None
         seed = tf.stack([tf.constant(self.seed, tf.int64),
                          tf.cast(self.optimizer.iterations, tf.int64)])
-        if num_replicas > 1:
-            seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
+        if replicas.count > 1:
+            seed = tf.random.experimental.stateless_fold_in(
+                seed, replicas.context.replica_id_in_sync_group)
         return (tf.random.experimental.stateless_fold_in(seed, 1),
                 tf.random.experimental.stateless_fold_in(seed, 2))
 
     def train_step(self, data):
+        """One step on this replica's share of the batch; returns the logs {name: value}.
+
+        Forward and lookup, negatives from all replicas, the loss (plus the probe's, when the
+        batch has labels), the update, then the enqueue of view 1's projections and the metrics.
+        """
         view_1, view_2, labels = inputs.unpack_views(data)
         labels = _flat_labels(labels)
-        ctx = tf.distribute.get_replica_context()
-        num_replicas = ctx.num_replicas_in_sync if ctx is not None else 1
-        batch = tf.shape(view_1)[0]
-
-        def gather(t):
-            return keras_workarounds.all_gather(ctx, t) if num_replicas > 1 else t
-
+        replicas = _Replicas.current()
         with tf.GradientTape() as tape:
-            features = self.encoder(tf.concat([view_1, view_2], axis=0), training=True)
-            z, p = self._embed(features, training=True)
-            z_1, z_2, p_1, p_2 = z[:batch], z[batch:], p[:batch], p[batch:]
-            seed_1, seed_2 = self._sampling_seeds(ctx, num_replicas)
-            nn_1, nn_labels = self.support_set.nearest_neighbour(z_1, return_labels=True,
-                                                                 seed=seed_1)
-            nn_2 = self.support_set.nearest_neighbour(z_2, seed=seed_2)
-            anchors_1, anchors_2 = (nn_1, nn_2) if self.positive == "nn" else (z_1, z_2)
-            gathered, offset = None, 0
-            if num_replicas > 1:
-                # One all_gather (one collective each way) for all the tensors that need it.
-                parts = [p_1, p_2] + ([anchors_1, anchors_2] if self.transposed_loss else [])
-                parts = tf.split(gather(tf.concat(parts, axis=1)), len(parts), axis=1)
-                gathered = (parts[2], parts[3]) if self.transposed_loss else (None, None)
-                gathered += (parts[0], parts[1])
-                offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * batch
-            loss = nnclr_loss(anchors_1, anchors_2, p_1, p_2, self.temperature,
-                              transposed=self.transposed_loss, gathered=gathered,
-                              label_offset=offset)
+            views = self._forward_and_look_up(view_1, view_2, replicas)
+            negatives = self._global_negatives(views, replicas)
+            loss = nnclr_loss(views.anchors_1, views.anchors_2, views.p_1, views.p_2,
+                              self.temperature, transposed=self.transposed_loss,
+                              gathered=negatives.gathered, label_offset=negatives.label_offset)
             total = loss
             with_probe = self.probe is not None and labels is not None
             if with_probe:
-                total += self._probe_step(features[:batch], labels)
-            # The optimizer sums replica gradients: scale so the sum is the global-batch mean.
-            scaled = self.optimizer.scale_loss(total / num_replicas)
+                total += self._probe_step(views.features_1, labels)
+        self._gradient_step(tape, total, replicas)
+        queued = self._enqueue(views.z_1, labels, replicas)
+        return self._update_metrics(loss, views, negatives, queued, labels, with_probe)
 
+    def _forward_and_look_up(self, view_1, view_2, replicas):
+        """Encoder, heads and support-set lookup for both views, under the caller's tape.
+
+        Both views go through the encoder in one pass, so its batch norms (and the heads') see
+        the statistics of both. The neighbours come from the support set as it was before this
+        step's enqueue, without gradient.
+        """
+        batch = tf.shape(view_1)[0]
+        features = self.encoder(tf.concat([view_1, view_2], axis=0), training=True)
+        z, p = self._embed(features, training=True)
+        z_1, z_2, p_1, p_2 = z[:batch], z[batch:], p[:batch], p[batch:]
+        seed_1, seed_2 = self._sampling_seeds(replicas)
+        nn_1, nn_labels = self.support_set.nearest_neighbour(z_1, return_labels=True, seed=seed_1)
+        nn_2 = self.support_set.nearest_neighbour(z_2, seed=seed_2)
+        anchors_1, anchors_2 = (nn_1, nn_2) if self.positive == "nn" else (z_1, z_2)
+        return _Views(features[:batch], z_1, z_2, p_1, p_2, anchors_1, anchors_2, nn_labels)
+
+    def _global_negatives(self, views, replicas):
+        """Every replica's predictions (and anchors, for the transposed loss) as negatives.
+
+        Under several replicas, one all_gather (one collective each way) brings the tensors the
+        loss needs from all replicas, [global_batch, dim] each, in replica order; this replica's
+        rows start at `label_offset`. On one replica the loss uses the local batch as it is.
+        """
+        if replicas.count == 1:
+            return _Negatives(None, 0)
+        parts = [views.p_1, views.p_2]
+        if self.transposed_loss:
+            parts += [views.anchors_1, views.anchors_2]
+        parts = tf.split(replicas.gather(tf.concat(parts, axis=1)), len(parts), axis=1)
+        gathered = (parts[2], parts[3]) if self.transposed_loss else (None, None)
+        offset = tf.cast(replicas.context.replica_id_in_sync_group, tf.int32) * tf.shape(
+            views.p_1)[0]
+        return _Negatives(gathered + (parts[0], parts[1]), offset)
+
+    def _gradient_step(self, tape, total, replicas):
+        """Gradients of `total` on the trainable variables, applied; `iterations` advances by 1.
+
+        The optimizer sums the replicas' gradients, so each replica's loss is divided by their
+        number: the sum is the gradient of the global batch's mean. `scale_loss` is the float16
+        loss scale (the identity otherwise), and gradients of variables the loss does not reach
+        (None) are left out.
+        """
+        with tape:  # recorded on the step's tape: the scaled loss is what is differentiated
+            scaled = self.optimizer.scale_loss(total / replicas.count)
         variables = self.trainable_variables
         pairs = [(g, v) for g, v in zip(tape.gradient(scaled, variables), variables)
                  if g is not None]
         step = tf.identity(self.optimizer.iterations)  # read before apply() advances it
         self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
         advance_step(self.optimizer, step)
-        queued = gather(z_1)  # the global batch's z_1, in replica order
-        self.support_set.enqueue(queued, None if labels is None else gather(labels))
 
+    def _enqueue(self, z_1, labels, replicas):
+        """Writes the global batch's z_1 (and labels) into the support set, after the lookup.
+
+        Every replica writes the same all-gathered rows, in replica order, into its own copy of
+        the queue, so the copies stay equal. Returns the rows written, [global_batch, dim].
+        """
+        queued = replicas.gather(z_1)
+        self.support_set.enqueue(queued, None if labels is None else replicas.gather(labels))
+        return queued
+
+    def _update_metrics(self, loss, views, negatives, queued, labels, with_probe):
+        """Updates the step's metrics and returns their logs {name: value}.
+
+        loss, contrastive_acc and z_std always; nn_acc (labels of NN(z_1) against the batch's)
+        when the batch has labels; probe_loss and probe_acc (updated by `_probe_step`) when the
+        probe trained.
+        """
         self.loss_tracker.update_state(loss)
-        g_p_1, g_p_2 = gathered[2:] if gathered is not None else (None, None)
+        g_p_1, g_p_2 = (negatives.gathered[2:] if negatives.gathered is not None
+                        else (None, None))
+        offset = negatives.label_offset
         self.contrastive_acc_tracker.update_state(0.5 * (  # over the global batch's columns
-            contrastive_accuracy(anchors_1, p_2, predictions_global=g_p_2, label_offset=offset)
-            + contrastive_accuracy(anchors_2, p_1, predictions_global=g_p_1, label_offset=offset)))
+            contrastive_accuracy(views.anchors_1, views.p_2, predictions_global=g_p_2,
+                                 label_offset=offset)
+            + contrastive_accuracy(views.anchors_2, views.p_1, predictions_global=g_p_1,
+                                   label_offset=offset)))
         # Over the global batch, so that it is the same number under any number of replicas.
         self.z_std_tracker.update_state(tf.reduce_mean(tf.math.reduce_std(queued, axis=0)))
         logs = [self.loss_tracker, self.contrastive_acc_tracker, self.z_std_tracker]
         if labels is not None:
             self.nn_acc_tracker.update_state(
-                tf.reduce_mean(tf.cast(tf.equal(nn_labels, labels), tf.float32)))
+                tf.reduce_mean(tf.cast(tf.equal(views.nn_labels, labels), tf.float32)))
             logs.append(self.nn_acc_tracker)
         if with_probe:
             logs += [self.probe_loss_tracker, self.probe_acc_tracker]
