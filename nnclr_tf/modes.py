@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import math
 
+import keras
 import tensorflow as tf
 
-from nnclr_tf import evaluate
+from nnclr_tf import backbones, distribute, evaluate
 from nnclr_tf.config import Config, ConfigError
 from nnclr_tf.data import dataset_info, evaluation_dataset
 from nnclr_tf.data.subsets import subset_size
@@ -50,10 +51,37 @@ def _eval_datasets(config: Config, augment_train=None, label_fraction=None, batc
     return info, train, test
 
 
-def _finish(config: Config, results, name: str) -> dict:
+def _finish(config: Config, results, name: str, strategy=None) -> dict:
+    if strategy is not None and not distribute.is_chief(strategy):
+        return results  # one writer per cluster: the chief
     print(evaluate.results_markdown(results), flush=True)  # first: a failed write loses nothing
     evaluate.write_results(results, config.run.model_dir, name)
     return results
+
+
+def _trained_under_strategy(config: Config):
+    """(strategy, precision, encoder): the pretraining's strategy (run.strategy, run.cpu_replicas)
+    and precision policy (run.mixed_precision), and the pretrained encoder rebuilt in the
+    strategy's scope under that policy, so that a classifier on it trains on every replica.
+
+    The strategy comes first, as in `pretrain`: splitting the CPU and joining a cluster must
+    happen before TensorFlow starts its devices."""
+    r, m = config.run, config.model
+    strategy = distribute.get_strategy(r.strategy, r.cpu_replicas)
+    model, _ = _pretrained(config)  # float32, one device: only its weights are used
+    precision = distribute.set_precision(r.mixed_precision, strategy)
+    with strategy.scope():
+        encoder = backbones.build_backbone(
+            m.backbone, input_shape=model.encoder.input_shape[1:], width_multiplier=m.width_multiplier,
+            cifar_stem=m.cifar_stem, synchronized_bn=m.synchronized_bn)
+    encoder.set_weights(model.encoder.get_weights())
+    keras.utils.set_random_seed(r.seed)  # the classifier's head starts the same in every run
+    return strategy, precision, encoder
+
+
+def _distribution(strategy, precision) -> dict:
+    """How a protocol ran, for its results file."""
+    return {"replicas": int(strategy.num_replicas_in_sync), "precision": precision}
 
 
 def knn(config: Config, output=None) -> dict:
@@ -73,14 +101,16 @@ def _splits(config: Config, num_train=None) -> dict:
 
 
 def linear_eval(config: Config, output=None) -> dict:
-    model, _ = _pretrained(config)
+    strategy, precision, encoder = _trained_under_strategy(config)
     e = config.eval
     info, train, test = _eval_datasets(config, augment_train="crop_flip")
-    result = evaluate.linear_evaluation(model.encoder, train, test, num_classes=info.num_classes,
-                                        epochs=e.linear_epochs, learning_rate=e.linear_learning_rate)
+    result = evaluate.linear_evaluation(encoder, train, test, num_classes=info.num_classes,
+                                        epochs=e.linear_epochs, learning_rate=e.linear_learning_rate,
+                                        strategy=strategy)
     return _finish(config, {"protocol": "linear_eval", "dataset": config.data.dataset,
                             **_splits(config, info.num_examples), "batch_size": e.linear_batch_size,
-                            "augment": "crop_flip", **result}, "linear_eval")
+                            "augment": "crop_flip", **_distribution(strategy, precision), **result},
+                   "linear_eval", strategy)
 
 
 def finetune_batch_size(requested: int, num_train: int) -> int:
@@ -89,21 +119,23 @@ def finetune_batch_size(requested: int, num_train: int) -> int:
 
 
 def finetune(config: Config, output=None) -> dict:
-    model, _ = _pretrained(config)
+    strategy, precision, encoder = _trained_under_strategy(config)
     e, d = config.eval, config.data
     info = dataset_info(d.dataset, d.eval_train_split, data_dir=d.data_dir,
                         holdout_fraction=d.holdout_fraction)
     batch_size = finetune_batch_size(e.finetune_batch_size, subset_size(e.label_fraction, info.num_examples))
     info, train, test = _eval_datasets(config, augment_train="crop_flip", label_fraction=e.label_fraction,
                                        batch_size=batch_size)
-    result = evaluate.fine_tune(model.encoder, train, test, num_classes=info.num_classes,
-                                epochs=e.finetune_epochs, learning_rate=e.finetune_learning_rate)
+    result = evaluate.fine_tune(encoder, train, test, num_classes=info.num_classes,
+                                epochs=e.finetune_epochs, learning_rate=e.finetune_learning_rate,
+                                strategy=strategy)
     scores = result[0] if isinstance(result, tuple) else result
     num_train = subset_size(e.label_fraction, info.num_examples)
     return _finish(config, {"protocol": "finetune", "label_fraction": e.label_fraction,
                             "dataset": config.data.dataset, **_splits(config, num_train),
-                            "batch_size": batch_size, "augment": "crop_flip", **scores},
-                   "finetune")
+                            "batch_size": batch_size, "augment": "crop_flip",
+                            **_distribution(strategy, precision), **scores},
+                   "finetune", strategy)
 
 
 def transfer(config: Config, output=None) -> dict:

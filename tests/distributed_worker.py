@@ -12,6 +12,8 @@ belongs in the library.
                                                              # then without XLA -> OUT.nojit.npz
     python tests/distributed_worker.py pretrain OUT.npz --model_dir=D --cpu_replicas=2 --steps=4
                                                              # nnclr_tf.train.pretrain on the tiny preset
+    python tests/distributed_worker.py eval OUT.npz          # linear evaluation and fine-tuning on 2
+                                                             # logical CPUs -> OUT.npz, one device -> OUT.single.npz
 
 The data are fixed random images whose label is the sample's id: global batch s holds ids
 [s * G, (s + 1) * G) and replica r its rows [r * L, (r + 1) * L) (L = G / replicas), so the support
@@ -39,7 +41,7 @@ QUEUE_SIZE = 40  # not a multiple of the global batch: enqueues wrap around mid-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["mirrored", "multi_worker", "xla", "pretrain"])
+    parser.add_argument("mode", choices=["mirrored", "multi_worker", "xla", "pretrain", "eval"])
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--write_mode", default="auto")
@@ -167,10 +169,52 @@ def pretrain(args):
          end_step=np.array(int(model.optimizer.iterations.numpy())))
 
 
+def classification_data(count, seed):
+    """(images [count, 16, 16, 3] in [0, 1], labels [count] in 0..2): the class's channel is brighter."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=count)
+    images = rng.uniform(0.0, 0.8, size=(count, IMAGE_SIZE, IMAGE_SIZE, 3))
+    images[np.arange(count), :, :, labels] += 0.2
+    return images.astype(np.float32), labels.astype(np.int64)
+
+
+def evaluate_under(strategy, out):
+    """linear_evaluation and fine_tune of one seeded encoder under `strategy`, on fixed data
+    (250 training images in global batches of 32: the last, of 26, is doubled so that each of two
+    replicas gets an even 26); saves the top-1s and the fine-tuned weights."""
+    from nnclr_tf import evaluate
+    # A dataset in a fixed order: arrays are reshuffled per iteration, and Keras iterates a
+    # dataset under a strategy once more than on one device, so the epochs' orders would differ.
+    train = tf.data.Dataset.from_tensor_slices(classification_data(250, 1)).batch(32)
+    test = classification_data(128, 2)
+    arrays = {}
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        frozen = encoder("smooth")
+    keras.utils.set_random_seed(1)
+    linear = evaluate.linear_evaluation(frozen, train, test, num_classes=3, epochs=3,
+                                        learning_rate=0.1, batch_size=32, strategy=strategy)
+    keras.utils.set_random_seed(2)
+    tuned, classifier = evaluate.fine_tune(frozen, train, test, num_classes=3, epochs=2,
+                                           learning_rate=0.05, batch_size=32, strategy=strategy)
+    arrays["linear_top1"], arrays["finetune_top1"] = linear["top1"], tuned["top1"]
+    arrays["num_test"] = np.array([linear["num_test"], tuned["num_test"]])
+    for i, weight in enumerate(classifier.weights):
+        arrays[f"finetuned/{i:03d}"] = local_copies(weight)[0]
+    arrays["initial"] = np.concatenate([w.reshape(-1) for w in frozen.get_weights()])
+    arrays["replicas"] = np.array(strategy.num_replicas_in_sync)
+    np.savez(out, **arrays)
+
+
 def main(argv):
     args = parse_args(argv)
     if args.mode == "pretrain":
         pretrain(args)
+    elif args.mode == "eval":
+        strategy = distribute.get_strategy("mirrored", cpu_replicas=2)
+        distribute.set_precision("float32", strategy)
+        evaluate_under(strategy, args.out)
+        evaluate_under(tf.distribute.get_strategy(), args.out.replace(".npz", ".single.npz"))
     else:
         if args.mode == "mirrored":
             strategy = distribute.get_strategy("mirrored", cpu_replicas=2)

@@ -36,7 +36,9 @@ class ExampleCount(keras.metrics.Metric):
 
 
 def compile_classifier(model, learning_rate, total_steps, momentum, weight_decay, num_classes):
-    """SGD with momentum on a cosine-decayed learning rate, top-1 / top-5 metrics."""
+    """SGD with momentum on a cosine-decayed learning rate, top-1 / top-5 metrics; the loss reads
+    float32 logits (the heads are float32 under a mixed policy). Call it in the scope the model
+    was built in: the optimizer's and metrics' variables then live on every replica."""
     schedule = keras.optimizers.schedules.CosineDecay(
         learning_rate, decay_steps=max(1, total_steps)
     )
@@ -62,10 +64,12 @@ def evaluate_classifier(model, test_ds, num_classes):
     return {**{key: float(logs[key]) for key in keys}, "num_test": int(logs["examples"])}
 
 
-def training_data(train_ds, test_ds, batch_size, seed):
-    """(train, test) datasets of (images, labels) from datasets or arrays; odd training batches
-    are doubled (`even_batches`), so no training step meets TensorFlow's odd-batch crash."""
-    train_ds = even_batches(as_dataset(train_ds, "train_ds", batch_size, shuffle=True, seed=seed))
+def training_data(train_ds, test_ds, batch_size, seed, replicas=1):
+    """(train, test) datasets of (images, labels) from datasets or arrays; training batches are
+    repeated until each of `replicas` gets an even part (`even_batches`), so no training step
+    meets TensorFlow's odd-batch crash."""
+    train_ds = as_dataset(train_ds, "train_ds", batch_size, shuffle=True, seed=seed)
+    train_ds = even_batches(train_ds, multiple=2 * max(1, int(replicas)))
     test_ds = as_dataset(test_ds, "test_ds", batch_size)
     check_finite(test_ds, "test_ds")
     return train_ds, test_ds

@@ -88,20 +88,27 @@ def as_dataset(data, argument="dataset", batch_size=256, shuffle=False, seed=0):
     return data.map(_as_float_images)
 
 
-def even_batches(dataset):
-    """Repeats every odd-sized batch twice, so that a training step never sees an odd batch.
+def even_batches(dataset, multiple=2):
+    """Repeats every batch whose size `multiple` does not divide until it does (an odd batch
+    twice, for the default 2), so that no training step, on any replica, sees an odd batch.
 
     TensorFlow 2.21's oneDNN kernels (on CPUs with AVX-512 / AMX) can crash the process
     (segfault, double free) in the gradient of a strided convolution on an odd batch. A batch
     stacked on itself leaves a mean loss, its gradient and the batch-norm batch statistics exactly
-    as they were, so training is unchanged; only that one batch costs twice. Works on any nest of
-    tensors batched along axis 0.
+    as they were, so training is unchanged; only that batch costs more. Under a strategy of N
+    replicas pass multiple=2 * N: the strategy splits each batch into N equal, even parts. Works
+    on any nest of tensors batched along axis 0.
     """
+    multiple = int(multiple)
+    if multiple < 1:
+        raise ValueError(f"even_batches multiple={multiple} must be >= 1.")
 
     def even(*batch):
         batch = batch[0] if len(batch) == 1 else batch
-        first = tf.nest.flatten(batch)[0]
-        copies = 1 + tf.shape(first)[0] % 2
+        size = tf.shape(tf.nest.flatten(batch)[0])[0]
+        # The fewest copies c (at most `multiple`) with c * size a multiple of `multiple`.
+        candidates = tf.range(1, multiple + 1)
+        copies = tf.reduce_min(tf.boolean_mask(candidates, (candidates * size) % multiple == 0))
 
         def tile(tensor):
             ones = tf.ones([tf.rank(tensor) - 1], tf.int32)

@@ -5,6 +5,7 @@ results, classifier = fine_tune(encoder, (x_train, y_train), (x_test, y_test), n
 """
 
 import keras
+import tensorflow as tf
 
 from nnclr_tf.config import EvalConfig
 from nnclr_tf.evaluation.classifier import (
@@ -42,6 +43,7 @@ def fine_tune(
     verbose=0,
     batch_size=256,
     seed=0,
+    strategy=None,
 ):
     """Fine-tunes a copy of the encoder plus a linear head end to end on labelled data.
 
@@ -54,22 +56,28 @@ def fine_tune(
       epochs, learning_rate, momentum, weight_decay: SGD with momentum, cosine decay to 0
         (defaults: 30 epochs at 0.01, as `nnclr finetune`).
       batch_size: batch size for arrays.
+      strategy: a tf.distribute strategy to train under (default: the current one); the copy
+        and its head are built in its scope, and batches are global (Keras splits each over the
+        replicas). The head's logits are float32 under any policy.
 
     Returns:
       (dict(top1, top5 (num_classes >= 5), num_test, epochs, learning_rate) on test_ds, the
       fine-tuned classifier keras.Model mapping images to logits [batch, num_classes]).
     """
-    train_ds, test_ds = training_data(train_ds, test_ds, batch_size, seed)
+    strategy = strategy or tf.distribute.get_strategy()
+    train_ds, test_ds = training_data(train_ds, test_ds, batch_size, seed,
+                                      strategy.num_replicas_in_sync)
     steps = steps_in(train_ds, steps_per_epoch)
-    backbone = copy_encoder(encoder)
-    inputs = keras.Input(shape=tuple(train_ds.element_spec[0].shape[1:]), name="images")
-    logits = keras.layers.Dense(num_classes, dtype="float32", name="classifier_head")(
-        backbone(inputs)
-    )
-    classifier = keras.Model(inputs, logits, name="fine_tuned")
-    compile_classifier(
-        classifier, learning_rate, epochs * steps, momentum, weight_decay, num_classes
-    )
+    with strategy.scope():
+        backbone = copy_encoder(encoder)
+        inputs = keras.Input(shape=tuple(train_ds.element_spec[0].shape[1:]), name="images")
+        logits = keras.layers.Dense(num_classes, dtype="float32", name="classifier_head")(
+            backbone(inputs)
+        )
+        classifier = keras.Model(inputs, logits, name="fine_tuned")
+        compile_classifier(
+            classifier, learning_rate, epochs * steps, momentum, weight_decay, num_classes
+        )
     classifier.fit(
         train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False
     )

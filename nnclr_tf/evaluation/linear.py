@@ -220,6 +220,7 @@ def linear_evaluation(
     verbose=0,
     batch_size=256,
     seed=0,
+    strategy=None,
 ):
     """The paper's linear evaluation: a Dense head trained on a frozen encoder.
 
@@ -227,7 +228,7 @@ def linear_evaluation(
     `trainable` flag is restored afterwards), so its weights and batch-norm statistics never
     change. The head is batch norm without scale (SimCLR's linear-evaluation head) then Dense: it
     sees standardised features whatever their scale, so one learning rate serves every encoder.
-    SGD with momentum follows a cosine decay to 0.
+    SGD with momentum follows a cosine decay to 0. The head computes in float32 under any policy.
 
     Args:
       encoder: keras.Model, images [batch, H, W, C] float in [0, 1] -> features [batch, D].
@@ -237,26 +238,33 @@ def linear_evaluation(
       epochs, learning_rate, momentum, weight_decay: the head's SGD schedule (defaults: the
         paper's 90 epochs at 0.1, as `nnclr linear_eval`).
       batch_size: batch size for arrays.
+      strategy: a tf.distribute strategy to train under (default: the current one). Batches are
+        global: Keras splits each over the replicas; the head's batch norm uses the global batch.
+        Build the encoder in its scope.
 
     Returns:
       dict(top1, top5 (num_classes >= 5), num_test, epochs, learning_rate) on test_ds.
     """
-    train_ds, test_ds = training_data(train_ds, test_ds, batch_size, seed)
+    strategy = strategy or tf.distribute.get_strategy()
+    train_ds, test_ds = training_data(train_ds, test_ds, batch_size, seed,
+                                      strategy.num_replicas_in_sync)
     steps = steps_in(train_ds, steps_per_epoch)
     image_spec = train_ds.element_spec[0]
-    inputs = keras.Input(shape=tuple(image_spec.shape[1:]), name="images")
     was_trainable = encoder.trainable
     encoder.trainable = False
     try:
-        features = encoder(inputs, training=False)
-        # Momentum 0.9 (SimCLR's): short protocols still end with settled moving statistics.
-        features = keras.layers.BatchNormalization(scale=False, momentum=0.9, dtype="float32",
-                                                   name="feature_norm")(features)
-        logits = keras.layers.Dense(num_classes, dtype="float32", name="linear_head")(features)
-        classifier = keras.Model(inputs, logits, name="linear_evaluation")
-        compile_classifier(
-            classifier, learning_rate, epochs * steps, momentum, weight_decay, num_classes
-        )
+        with strategy.scope():
+            inputs = keras.Input(shape=tuple(image_spec.shape[1:]), name="images")
+            features = encoder(inputs, training=False)
+            # Momentum 0.9 (SimCLR's): short protocols still end with settled moving statistics.
+            features = keras.layers.BatchNormalization(
+                scale=False, momentum=0.9, synchronized=True, dtype="float32",
+                name="feature_norm")(features)
+            logits = keras.layers.Dense(num_classes, dtype="float32", name="linear_head")(features)
+            classifier = keras.Model(inputs, logits, name="linear_evaluation")
+            compile_classifier(
+                classifier, learning_rate, epochs * steps, momentum, weight_decay, num_classes
+            )
         classifier.fit(
             train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False
         )
