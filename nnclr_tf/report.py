@@ -7,6 +7,9 @@ the same config, the kNN monitor that reports kNN top-1 during pretraining.
     scores = encoder_scores(encoder, config, num_classes)    # {"knn_top1", "linear_top1", ...}
     baseline = raw_pixel_scores(config, num_classes)         # the same protocol on raw pixels
     text = format_report(report)   # report.md: trained / raw pixels / random init, in percent
+
+On large datasets the probes and the kNN bank take a seeded, class-balanced sample of at most
+REPORT_MAX_TRAIN_EXAMPLES training images (ImageNet: 60,000 of 1.28 M), stated in the protocol.
 """
 
 from __future__ import annotations
@@ -21,12 +24,18 @@ import numpy as np
 from nnclr_tf import backbones, evaluate, pictures
 from nnclr_tf.config import Config
 from nnclr_tf.data import dataset_info, evaluation_dataset, load_arrays
+from nnclr_tf.data.subsets import subset_size
 from nnclr_tf.runs import RunDir, write_json, write_text
 
 log = logging.getLogger("nnclr_tf")
 
 # Raw pixels are scored up to 64 x 64 x 3 features; ImageNet's 224 x 224 x 3 would not fit the probe.
 RAW_PIXEL_LIMIT = 64 * 64 * 3
+# At most this many training images for the report's probes and kNN bank (and the kNN monitor's
+# bank): a seeded, class-balanced sample beyond it. Sized so that Fashion-MNIST (60,000) and
+# CIFAR (50,000) are scored whole, as before; ImageNet's 1.28 M would mean extracting every
+# training image on the chief and fitting seven L-BFGS probes on 1.28 M x 2048 features, twice.
+REPORT_MAX_TRAIN_EXAMPLES = 60_000
 
 
 def _eval_images(config: Config, split: str, limit: int, batch: int = 256):
@@ -40,9 +49,42 @@ def _eval_images(config: Config, split: str, limit: int, batch: int = 256):
     return dataset
 
 
+def train_sample_size(config: Config, max_train_examples: int = REPORT_MAX_TRAIN_EXAMPLES):
+    """(images the report trains on, images in data.eval_train_split, sampled): the split or its
+    first eval.max_eval_examples, unless that exceeds `max_train_examples`; then a seeded
+    (run.seed), class-balanced sample of `max_train_examples` from the whole split."""
+    d = config.data
+    total = dataset_info(d.dataset, d.eval_train_split, d.data_dir,
+                         holdout_fraction=d.holdout_fraction).num_examples
+    wanted = min(total, config.eval.max_eval_examples or total)
+    if wanted <= max_train_examples:
+        return wanted, total, False
+    return subset_size(max_train_examples / total, total), total, True
+
+
+def _train_images(config: Config, max_train_examples: int = REPORT_MAX_TRAIN_EXAMPLES,
+                  batch: int = 256):
+    """(batches of the report's training images, their count): see train_sample_size."""
+    d = config.data
+    count, total, sampled = train_sample_size(config, max_train_examples)
+    if not sampled:
+        return _eval_images(config, d.eval_train_split, config.eval.max_eval_examples, batch), count
+    dataset = evaluation_dataset(d.dataset, d.eval_train_split, data_dir=d.data_dir,
+                                 batch_size=batch, holdout_fraction=d.holdout_fraction,
+                                 image_size=d.image_size, label_fraction=count / total,
+                                 seed=config.run.seed)
+    return dataset, count
+
+
 def _features(encoder, config: Config, split: str, limit: int):
     features, labels = evaluate.extract_features(encoder, _eval_images(config, split, limit))
     return features[:limit or None], labels[:limit or None]
+
+
+def _train_features(encoder, config: Config, max_train_examples: int):
+    dataset, count = _train_images(config, max_train_examples)
+    features, labels = evaluate.extract_features(encoder, dataset)
+    return features[:count], labels[:count]
 
 
 def knn_monitor_callbacks(config: Config, num_classes: int) -> list:
@@ -58,17 +100,19 @@ def knn_monitor_callbacks(config: Config, num_classes: int) -> list:
     if e.knn_every_epochs <= 0 or num_classes <= 0:
         return []
     limit = e.max_eval_examples
-    bank = _eval_images(config, config.data.eval_train_split, limit)
+    bank, _ = _train_images(config)  # the report's training images
     queries = _eval_images(config, config.data.eval_split, limit)
     # Rows past `limit` in the last batch are kept: the monitor tracks a trend, not the report's number.
     return [evaluate.KNNMonitor(bank, queries, num_classes=num_classes, every=e.knn_every_epochs,
                                 k=e.knn_k, temperature=e.knn_temperature, first_epoch=True)]
 
 
-def encoder_scores(encoder, config: Config, num_classes: int) -> dict:
-    """kNN and linear-probe top-1 on the eval split, the bank / training set being eval_train_split."""
+def encoder_scores(encoder, config: Config, num_classes: int,
+                   max_train_examples: int = REPORT_MAX_TRAIN_EXAMPLES) -> dict:
+    """kNN and linear-probe top-1 on the eval split, the bank / training set being eval_train_split
+    (at most `max_train_examples` of it: `train_sample_size`)."""
     d, e = config.data, config.eval
-    train_x, train_y = _features(encoder, config, d.eval_train_split, e.max_eval_examples)
+    train_x, train_y = _train_features(encoder, config, max_train_examples)
     test_x, test_y = _features(encoder, config, d.eval_split, e.max_eval_examples)
     knn = evaluate.knn_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes,
                                 k=min(e.knn_k, len(train_x)), temperature=e.knn_temperature)
@@ -90,7 +134,8 @@ def raw_pixel_size(config: Config) -> int:
     return d.image_size
 
 
-def raw_pixel_scores(config: Config, num_classes: int) -> dict:
+def raw_pixel_scores(config: Config, num_classes: int,
+                     max_train_examples: int = REPORT_MAX_TRAIN_EXAMPLES) -> dict:
     """encoder_scores with the identity encoder: flattened pixels [batch, H * W * C] in [0, 1].
 
     The baseline every learned representation has to beat, through the very same kNN and linear
@@ -101,7 +146,7 @@ def raw_pixel_scores(config: Config, num_classes: int) -> dict:
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=size))
     flatten = keras.layers.Flatten(dtype="float32")  # float32 even under a mixed policy
     pixels = keras.Sequential([keras.Input((size, size, channels)), flatten], name="raw_pixels")
-    return encoder_scores(pixels, config, num_classes)
+    return encoder_scores(pixels, config, num_classes, max_train_examples)
 
 
 def _channels(config: Config) -> int:
@@ -164,7 +209,7 @@ def write_report(model, config: Config, run_dir: RunDir, input_shape, info) -> d
             report["raw_pixels"]["pixels"] = f"{size}x{size}x{_channels(config)}"
         report["random_init"] = encoder_scores(random_encoder(config, input_shape), config,
                                                info.num_classes)
-        report["protocol"] = protocol(config, report["trained"])
+        report["protocol"] = protocol(config, report["trained"], REPORT_MAX_TRAIN_EXAMPLES)
         report["verdict"] = raw_pixel_verdict(report, raw_pixel_features(config))
     curves = run_dir.file("training_curves.png")
     pictures.plot_training_curves(pictures.read_csv_log(run_dir.csv_log), curves)
@@ -191,14 +236,24 @@ def config_summary(config: Config) -> dict:
             "mixed_precision": r.mixed_precision, "seed": r.seed}
 
 
-def protocol(config: Config, scores: dict) -> dict:
-    """How the report's numbers were measured: splits, example counts, k and temperature."""
+def protocol(config: Config, scores: dict,
+             max_train_examples: int = REPORT_MAX_TRAIN_EXAMPLES) -> dict:
+    """How the report's numbers were measured: splits, example counts, k and temperature, and the
+    training sample when the split was larger than `max_train_examples`."""
     d, e = config.data, config.eval
-    return {"train_split": d.eval_train_split, "test_split": d.eval_split,
-            "num_train": scores["num_train"], "num_test": scores["num_test"],
-            "knn_k": min(e.knn_k, scores["num_train"]), "knn_temperature": e.knn_temperature,
-            "linear_probe": "L2-regularised logistic regression (L-BFGS) on standardised frozen "
-                            "features, L2 chosen on 20% of the training features"}
+    result = {"train_split": d.eval_train_split, "test_split": d.eval_split,
+              "num_train": scores["num_train"], "num_test": scores["num_test"],
+              "max_train_examples": int(max_train_examples),
+              "knn_k": min(e.knn_k, scores["num_train"]), "knn_temperature": e.knn_temperature,
+              "linear_probe": "L2-regularised logistic regression (L-BFGS) on standardised frozen "
+                              "features, L2 chosen on 20% of the training features"}
+    count, total, sampled = train_sample_size(config, max_train_examples)
+    if sampled:
+        result["train_sample"] = (
+            f"a class-balanced sample of {count} of the {total} images of the "
+            f"'{d.eval_train_split}' split, drawn with seed {config.run.seed} (the report uses at "
+            f"most {max_train_examples} training images)")
+    return result
 
 
 def raw_pixel_verdict(report: dict, pixel_features: int) -> str:
@@ -243,7 +298,9 @@ def format_report(report: dict) -> str:
         p = report["protocol"]
         lines += [f"Top-1 accuracy (%) on {p['num_test']} images of the '{p['test_split']}' split, "
                   f"from frozen features; bank and probe training set: {p['num_train']} images of "
-                  f"the '{p['train_split']}' split. kNN: k={p['knn_k']} cosine neighbours, votes "
+                  f"the '{p['train_split']}' split"
+                  + (f" ({p['train_sample']})" if p.get("train_sample") else "")
+                  + f". kNN: k={p['knn_k']} cosine neighbours, votes "
                   f"weighted exp(cosine / {p['knn_temperature']}). Linear probe: "
                   f"{p['linear_probe']}."
                   + (f" Raw pixels: the {report['raw_pixels']['pixels']} stored images, flattened."
