@@ -18,8 +18,7 @@ has a bias (a batch norm follows each), and the last batch norm of each block ma
 import keras
 
 from nnclr_tf.batch_norm import BatchNormalization
-
-BACKBONES = ("resnet18", "resnet34", "resnet50")
+from nnclr_tf.config import BACKBONES  # the names; their architectures are below
 
 # name -> (block, blocks per stage). A bottleneck block widens its output to 4x its channels.
 _ARCHITECTURES = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),

@@ -27,11 +27,10 @@ import tensorflow as tf
 from keras.src.utils import summary_utils  # Keras' own byte formatting, for `summary`
 
 from nnclr_tf import inputs, keras_workarounds
+from nnclr_tf.config import POSITIVES
 from nnclr_tf.heads import LinearProbe, PredictionHead, ProjectionHead
 from nnclr_tf.losses import contrastive_accuracy, nnclr_loss
 from nnclr_tf.support_set import SupportSet
-
-POSITIVES = ("nn", "self")
 
 
 def _logs(metrics):

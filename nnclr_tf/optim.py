@@ -11,7 +11,8 @@ import math
 import keras
 from keras import ops
 
-OPTIMIZERS = ("lars", "sgd", "adamw")
+from nnclr_tf.config import OPTIMIZERS  # the names; `build_optimizer` makes each
+
 SCALINGS = ("linear", "sqrt", "none")
 
 
