@@ -3,7 +3,7 @@
 The model is small enough to write out by hand: images [4, 4, 4, 1] -> Flatten -> Dense (the
 encoder, no BN) -> projection Dense (no bias) -> BN -> L2 norm = z -> prediction Dense -> L2 norm
 = p, a support set of 8 known rows, and plain SGD. The reference (float64) computes the
-neighbours (argmax cosine), the loss of PAPER.md symmetrised over the views,
+neighbours (argmax cosine), the paper's loss (Dwibedi et al. 2021) symmetrised over the views,
 
     loss = 0.5 * (L(NN(z_1), p_2) + L(NN(z_2), p_1)),
     L(a, p) = mean_i -log( exp(a_i . p_i / tau) / sum_k exp(a_i . p_k / tau) ),
@@ -71,7 +71,7 @@ def neighbour_index(z, queue):
 
 
 def contrastive(anchors, predictions):
-    """PAPER.md's L averaged over the batch: row i of anchors . predictions^T / tau picks column i."""
+    """The paper's L averaged over the batch: row i of anchors . predictions^T / tau picks column i."""
     logits = _normalised(anchors) @ _normalised(predictions).T / TAU
     top = logits.max(axis=1, keepdims=True)
     log_sum = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
