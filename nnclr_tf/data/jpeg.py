@@ -12,8 +12,10 @@ import tensorflow as tf
 
 # pretraining_dataset(jpeg_decode=...): "full" decodes the whole image and crops it (the path of
 # every other format), "crops" decodes each view's window on its own, "union" decodes once the
-# smallest window holding both. benchmarks/input_pipeline.py measures them (BUILD.md).
-JPEG_DECODES = ("union", "crops", "full")
+# smallest window holding both. benchmarks/input_pipeline.py measures them (BUILD.md): entropy
+# decoding, which a window saves only below its bottom row, dominates, so for two views "full"
+# costs the least CPU; a window pays for one crop of an image.
+JPEG_DECODES = ("full", "union", "crops")
 
 
 def _cut(image, window):
@@ -34,26 +36,30 @@ def decode_crops(contents, choose, channels=3, union=True):
     Returns:
       A list of (crop [height, width, channels] uint8, extra), one per window.
     """
-    def jpeg():
-        picks = choose(tf.image.extract_jpeg_shape(contents)[:2])
-        windows = [window for window, _ in picks]
-        if union and len(windows) > 1:
-            top_left = tf.reduce_min(tf.stack([w[:2] for w in windows]), axis=0)
-            bottom_right = tf.reduce_max(tf.stack([w[:2] + w[2:] for w in windows]), axis=0)
-            image = tf.image.decode_and_crop_jpeg(
-                contents, tf.concat([top_left, bottom_right - top_left], 0), channels=channels)
-            crops = [_cut(image, tf.concat([w[:2] - top_left, w[2:]], 0)) for w in windows]
-        else:
-            crops = [tf.image.decode_and_crop_jpeg(contents, w, channels=channels)
-                     for w in windows]
-        return [(crop, extra) for crop, (_, extra) in zip(crops, picks)]
+    is_jpeg = tf.io.is_jpeg(contents)
 
-    def other():
-        image = tf.io.decode_image(contents, channels=channels, expand_animations=False,
-                                   dtype=tf.uint8)
-        return [(_cut(image, window), extra) for window, extra in choose(tf.shape(image)[:2])]
+    def decode_whole():
+        return tf.io.decode_image(contents, channels=channels, expand_animations=False,
+                                  dtype=tf.uint8)
 
-    pairs = tf.cond(tf.io.is_jpeg(contents), jpeg, other)
+    # The windows are drawn outside tf.cond: in a tf.data function a cond runs both branches'
+    # ops (the untaken one as dead tensors), which doubled the CPU cost of drawing them.
+    shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(contents)[:2],
+                    lambda: tf.shape(decode_whole())[:2])  # not a JPEG: decoded twice (rare)
+    picks = choose(shape)
+    windows = [window for window, _ in picks]
+    if union and len(windows) > 1:
+        top_left = tf.reduce_min(tf.stack([w[:2] for w in windows]), axis=0)
+        bottom_right = tf.reduce_max(tf.stack([w[:2] + w[2:] for w in windows]), axis=0)
+        decoded = [tf.concat([top_left, bottom_right - top_left], 0)]
+        cuts = [tf.concat([w[:2] - top_left, w[2:]], 0) for w in windows]
+    else:
+        decoded, cuts = windows, [None] * len(windows)
+    images = [tf.cond(is_jpeg,
+                      lambda w=w: tf.image.decode_and_crop_jpeg(contents, w, channels=channels),
+                      lambda w=w: _cut(decode_whole(), w)) for w in decoded]
+    crops = [_cut(images[0], cut) for cut in cuts] if union and len(windows) > 1 else images
+    pairs = [(crop, extra) for crop, (_, extra) in zip(crops, picks)]
     for crop, _ in pairs:
         crop.set_shape([None, None, channels])
     return list(pairs)

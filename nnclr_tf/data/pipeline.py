@@ -68,7 +68,7 @@ def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_
                         image_size=32, augment="byol", crop_scale=(0.08, 1.0), with_labels=True,
                         input_context=None, shuffle_buffer=10_000, seed=0, download=False,
                         channels=None, initial_step=0, holdout_fraction=_HOLDOUT,
-                        jpeg_decode="union"):
+                        jpeg_decode="full"):
     """Endless, shuffled batches of two augmented views of each image.
 
     Returns a tf.data.Dataset of {"view_1": [B, S, S, C] float32 in [0, 1], "view_2": same,
@@ -83,11 +83,12 @@ def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_
     without augmenting what it skips: whole epochs cost nothing, the rest of one is read only.
     holdout_fraction: what an image folder without test/ holds out of "train" (folders.scan_folder).
 
-    Images of varying size stored as JPEG (TFDS datasets such as imagenet2012, folders of
-    .jpg/.jpeg files) are not decoded whole unless jpeg_decode="full": the views' crop windows are drawn from the size
-    in the JPEG header and only they are decoded (tf.image.decode_and_crop_jpeg), "union" once
-    for the window holding both, "crops" once per view. The views are those of "full" (same
-    draws, same sampled points) up to JPEG decoding at the window's edges.
+    jpeg_decode: for images of varying size stored as JPEG (TFDS datasets such as imagenet2012,
+    folders of .jpg/.jpeg files), "union" or "crops" decode only the views' crop windows
+    (tf.image.decode_and_crop_jpeg), drawn from the size in the JPEG header: "union" once for the
+    window holding both, "crops" once per view. The views are those of "full" (same draws, same
+    sampled points; equal to 1e-5). "full" decodes whole images: with two views per image it
+    costs no more CPU than either (BUILD.md, "ImageNet on 8 GPUs or a TPU pod").
     """
     if not isinstance(initial_step, (int, np.integer)) or initial_step < 0:
         raise ValueError(f"initial_step must be an integer >= 0, got {initial_step!r}.")
@@ -109,7 +110,8 @@ def pretraining_dataset(dataset="embedded", split="train", data_dir=None, batch_
     ds = _shuffled_epochs(source, shard, in_memory, key, shuffle_buffer, seed, first_epoch)
     ds = ds.skip(offset)  # within one epoch: cached images, else still encoded; never augmented
     varying_size = not (info.image_shape[0] and info.image_shape[1])
-    if not in_memory and varying_size and source.decode_crops is not None and jpeg_decode != "full":
+    if (not in_memory and varying_size and source.decode_crops is not None
+            and jpeg_decode != "full"):
         return _views_of_jpeg_crops(ds, source, (augment_1, augment_2), key, keep_labels,
                                     local_batch, initial_step, jpeg_decode == "union", shard)
     if not in_memory:
