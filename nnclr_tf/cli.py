@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import textwrap
 
 from absl import app, flags
@@ -253,6 +254,7 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("nnclr_tf").setLevel(logging.INFO)
     absl_logging.set_verbosity(absl_logging.WARNING)  # TFDS's per-file chatter
+    _import_tensorflow_quietly()
     try:
         _run_mode(mode)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
@@ -266,6 +268,30 @@ def main(argv) -> None:
             raise
         print(f"nnclr {mode}: {stop or 'interrupted'}", file=sys.stderr)
         sys.exit(getattr(stop, "exit_code", 130))
+
+
+# Start-up notices TensorFlow 2.21 writes to stderr before its log level applies; with
+# TF_ENABLE_ONEDNN_OPTS=1 set (run() below) it announces "oneDNN custom operations are on" twice.
+_STARTUP_NOTICES = ("oneDNN custom operations are", "absl::InitializeLog() is called")
+
+
+def _import_tensorflow_quietly() -> None:
+    """Imports TensorFlow with stderr captured, and passes on every line but _STARTUP_NOTICES."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if not any(notice in line for notice in _STARTUP_NOTICES):
+                    print(line, file=sys.stderr)
 
 
 # absl's own --help shows the flags of the console script's wrapper (none) and exits 1.

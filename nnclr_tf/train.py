@@ -291,7 +291,8 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, stop, v
             # Each segment continues the one data stream from the step it starts at.
             data = make_dataset(step, (epochs - initial_epoch) * steps)
             out = model.fit(data, initial_epoch=initial_epoch, epochs=epochs,
-                            steps_per_epoch=steps, callbacks=fit_callbacks, verbose=verbose)
+                            steps_per_epoch=steps, callbacks=fit_callbacks, verbose=verbose,
+                            shuffle=False)  # the pipeline shuffles; Keras would warn per call
             for key, values in out.history.items():
                 history.setdefault(key, []).extend(float(v) for v in values)
             step = int(model.optimizer.iterations.numpy())
