@@ -1,8 +1,13 @@
 """Decoding only the crops of a JPEG that training uses (`tf.image.decode_and_crop_jpeg`).
 
+    from nnclr_tf.augment import view_augmenter
+    view_1, view_2 = view_augmenter(1, image_size=32), view_augmenter(2, image_size=32)
+    contents = tf.io.encode_jpeg(tf.fill([375, 500, 3], tf.constant(128, tf.uint8)))  # file bytes
+    seed_1, seed_2 = tf.constant([0, 1]), tf.constant([0, 2])  # one per view and image
     choose = lambda shape: [view_1.crop_window(shape, seed_1), view_2.crop_window(shape, seed_2)]
     (crop_1, box_1), (crop_2, box_2) = decode_crops(contents, choose, union=True)
     views = view_1(crop_1, seed=seed_1, crop_box=box_1), view_2(crop_2, seed=seed_2, crop_box=box_2)
+    # = view_1(whole image, seed=seed_1), view_2(whole image, seed=seed_2)
 
 The windows are drawn from the image's size, read from the JPEG header, before any pixel is
 decoded. Bytes that are not a JPEG (a PNG named .jpg) are decoded whole and cut to the same windows.
