@@ -208,6 +208,15 @@ class PipelineTest(parameterized.TestCase):
         self.assertIsNotNone(sources.resolve(root).decode_crops)
         self._assert_same_views(root, "crops")
 
+    def test_a_resumed_stream_continues_the_uninterrupted_one(self):
+        root = _tempdir(self)
+        _write_folder(root, ".jpg", [tuple(s) for s in _RNG.integers(30, 80, (10, 2))])
+        whole = self._views(root, "union", batches=4)
+        resumed = self._views(root, "union", batches=2, initial_step=2)
+        for got, expected in zip(resumed, whole[2:]):
+            for name in ("view_1", "view_2", "label"):
+                np.testing.assert_array_equal(got[name], expected[name])
+
     def test_tfds_jpeg_dataset_views_equal_whole_image_views(self):
         data_dir = _tempdir(self)
         NnclrTestJpegImages(data_dir=data_dir).download_and_prepare()
