@@ -29,10 +29,15 @@ from nnclr_tf.data import pretraining_dataset
 
 
 def measure(dataset, data_dir, batch_size, image_size, preset, steps, warmup, channels=None,
-            jpeg_decode="union", shuffle_buffer=10_000):
+            jpeg_decode="union", shuffle_buffer=10_000, single_thread=False):
     ds = pretraining_dataset(dataset, data_dir=data_dir, batch_size=batch_size,
                              image_size=image_size, augment=preset, channels=channels,
                              jpeg_decode=jpeg_decode, shuffle_buffer=shuffle_buffer)
+    if single_thread:  # the work itself, without parallel calls' and autotuning's overhead
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = 1
+        options.autotune.enabled = False
+        ds = ds.with_options(options)
     iterator = iter(ds)
     for _ in range(warmup):
         next(iterator)
@@ -64,7 +69,9 @@ def write_synthetic_jpegs(folder, count, seed=0):
 
 
 def decode_costs(folder, image_size, count=200):
-    """CPU ms per image of decoding alone, one thread, for the windows of two views."""
+    """CPU ms per image of decoding alone, one thread, for the windows of two views. The rows
+    with windows include drawing them (the first row), which the whole-image path also does,
+    inside the augmenter."""
     from nnclr_tf.augment import view_augmenter  # pylint: disable=import-outside-toplevel
     from nnclr_tf.data import jpeg  # pylint: disable=import-outside-toplevel
     views = [view_augmenter(view, image_size, preset="crops") for view in (1, 2)]
@@ -78,7 +85,12 @@ def decode_costs(folder, image_size, count=200):
     def last_pixels(crops):  # a pixel of each crop, so that no decode is optimised away
         return tf.stack([crop[-1, -1] for crop, _ in crops])
 
+    def windows_only(i, c):
+        windows = choose(i, 2)(tf.image.extract_jpeg_shape(c)[:2])
+        return tf.cast(tf.stack([w for w, _ in windows]), tf.uint8)  # as pixels, for one dtype
+
     ways = {
+        "two windows drawn, none decoded": windows_only,
         "whole image": lambda i, c: tf.io.decode_jpeg(c, channels=3)[-1, -1][tf.newaxis],
         "one crop's window": lambda i, c: last_pixels(jpeg.decode_crops(c, choose(i, 1))),
         "union of two windows": lambda i, c: last_pixels(jpeg.decode_crops(c, choose(i, 2))),
@@ -113,9 +125,14 @@ def main():
     parser.add_argument("--synthetic_jpegs", type=int, default=0,
                         help="write this many ImageNet-sized JPEGs to a temporary folder and use it")
     parser.add_argument("--shuffle_buffer", type=int, default=10_000)
+    parser.add_argument("--single_thread", action="store_true",
+                        help="one thread for tf.data and TensorFlow ops: CPU cost without overhead")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
+    if args.single_thread:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
 
     dataset, folder = args.dataset, None
     if args.synthetic_jpegs:
@@ -137,7 +154,8 @@ def main():
             for jpeg_decode in args.jpeg_decodes.split(","):
                 rate, cpu = measure(dataset, args.data_dir, args.batch_size, args.image_size,
                                     preset, args.steps, args.warmup, jpeg_decode=jpeg_decode,
-                                    shuffle_buffer=args.shuffle_buffer)
+                                    shuffle_buffer=args.shuffle_buffer,
+                                    single_thread=args.single_thread)
                 print(f"| {name} | {args.image_size} | {args.batch_size} | {preset} | "
                       f"{jpeg_decode} | {rate:,.0f} | {1000 * cpu:.1f} |", flush=True)
     finally:
