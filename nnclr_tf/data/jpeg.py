@@ -18,8 +18,8 @@ import tensorflow as tf
 # pretraining_dataset(jpeg_decode=...): "full" decodes the whole image and crops it (the path of
 # every other format), "crops" decodes each view's window on its own, "union" decodes once the
 # smallest window holding both. benchmarks/input_pipeline.py measures them (BUILD.md): entropy
-# decoding, which a window saves only below its bottom row, dominates, so for two views "full"
-# costs the least CPU; a window pays for one crop of an image.
+# decoding, which a window saves only below its bottom row, dominates, so for two views none of
+# them costs measurably less CPU than "full", the default.
 JPEG_DECODES = ("full", "union", "crops")
 
 
