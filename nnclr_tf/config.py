@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 AUGMENT_PRESETS = ("byol", "cifar", "crops")
+LR_SCALINGS = ("linear", "sqrt", "none")  # base rate x batch / 256, x sqrt(batch / 256), as given
 OPTIMIZERS = ("lars", "sgd", "adamw")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -327,8 +328,8 @@ def validate(config: Config) -> Config:
         raise _unknown("strategy", r.strategy, STRATEGIES)
     if r.mixed_precision not in PRECISIONS:
         raise _unknown("mixed precision policy", r.mixed_precision, PRECISIONS)
-    _check(o.lr_scaling in ("linear", "sqrt"),
-           f"optim.lr_scaling must be 'linear' or 'sqrt', got {o.lr_scaling!r}.")
+    _check(o.lr_scaling in LR_SCALINGS,
+           f"optim.lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {o.lr_scaling!r}.")
     _check(m.width_multiplier > 0,
            f"model.width_multiplier must be > 0, got {m.width_multiplier}.")
     _check_image_size(m, d)

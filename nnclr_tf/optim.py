@@ -11,9 +11,9 @@ import math
 import keras
 from keras import ops
 
-from nnclr_tf.config import OPTIMIZERS  # the names; `build_optimizer` makes each
+from nnclr_tf.config import LR_SCALINGS, OPTIMIZERS  # the names; `build_optimizer` makes each
 
-SCALINGS = ("linear", "sqrt", "none")
+SCALINGS = LR_SCALINGS  # the names live in nnclr_tf.config (TensorFlow-free)
 
 
 @keras.saving.register_keras_serializable(package="nnclr_tf")

@@ -79,3 +79,20 @@ class OverrideTest(parameterized.TestCase):
                                   optim=cfg.OptimConfig(batch_size=1))
         with self.assertRaisesRegex(cfg.ConfigError, "batch_size must be >= 2"):
             cfg.validate(bad)
+
+
+def test_the_config_names_are_what_the_modules_build():
+    # config.py holds the names (TensorFlow-free, for validation and --help); each module builds
+    # them. A name added on one side only would pass validation and fail mid-run, or never be offered.
+    from nnclr_tf import augment, backbones, optim
+
+    assert set(cfg.AUGMENT_PRESETS) == set(augment.VIEW_PRESETS)
+    assert optim.SCALINGS == cfg.LR_SCALINGS and optim.OPTIMIZERS == cfg.OPTIMIZERS
+    for name in cfg.BACKBONES:
+        encoder = backbones.build_backbone(name, input_shape=(32, 32, 1), width_multiplier=0.0625,
+                                           cifar_stem=True)
+        assert encoder.output_shape[-1] > 0
+    for name in cfg.LR_SCALINGS:  # each accepted by the config is one the schedule knows
+        config = cfg.override(cfg.get_preset("demo"), {"optim.lr_scaling": name})
+        schedule = optim.WarmupCosine(1.0, 512, 10, 1, scaling=config.optim.lr_scaling)
+        assert float(schedule(5)) > 0
