@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 AUGMENT_PRESETS = ("byol", "cifar", "crops")
+JPEG_DECODES = ("full", "union", "crops")  # nnclr_tf.data.jpeg implements each
 LR_SCALINGS = ("linear", "sqrt", "none")  # base rate x batch / 256, x sqrt(batch / 256), as given
 OPTIMIZERS = ("lars", "sgd", "adamw")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
@@ -61,6 +62,9 @@ class DataConfig:
     shuffle_buffer: int = 10_000
     download: bool = False
     holdout_fraction: float = 0.1  # image folders without test/: this part of each class is "test"
+    # JPEG sources (imagenet2012, .jpg folders): "full" decodes whole images, "union" only the box
+    # holding both views' crops, "crops" each crop alone (BUILD.md: no gain measured on 2 CPU cores).
+    jpeg_decode: str = "full"
 
 
 @dataclass(frozen=True)
@@ -328,6 +332,8 @@ def validate(config: Config) -> Config:
         raise _unknown("strategy", r.strategy, STRATEGIES)
     if r.mixed_precision not in PRECISIONS:
         raise _unknown("mixed precision policy", r.mixed_precision, PRECISIONS)
+    _check(d.jpeg_decode in JPEG_DECODES,
+           f"data.jpeg_decode must be one of {', '.join(JPEG_DECODES)}, got {d.jpeg_decode!r}.")
     _check(o.lr_scaling in LR_SCALINGS,
            f"optim.lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {o.lr_scaling!r}.")
     _check(m.width_multiplier > 0,

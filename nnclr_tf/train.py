@@ -255,7 +255,8 @@ def _train(model, config, info, run_dir, checkpoints, start_step, chief, stop, v
                 image_size=d.image_size, augment=config.augment.preset,
                 crop_scale=config.augment.crop_scale, with_labels=info.num_classes > 0,
                 input_context=input_context, shuffle_buffer=d.shuffle_buffer, seed=r.seed,
-                channels=channels, initial_step=initial_step * per_step).take(steps * per_step)
+                channels=channels, initial_step=initial_step * per_step,
+                jpeg_decode=d.jpeg_decode).take(steps * per_step)
         if strategy.num_replicas_in_sync > 1:
             return strategy.distribute_datasets_from_function(dataset_fn)
         return dataset_fn()

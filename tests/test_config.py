@@ -68,6 +68,7 @@ class OverrideTest(parameterized.TestCase):
         ("linear_batch", {"eval.linear_batch_size": "-4"}, "eval.linear_batch_size must be >= 1, got -4"),
         ("finetune_lr", {"eval.finetune_learning_rate": "0"}, "eval.finetune_learning_rate must be > 0"),
         ("eval_examples", {"eval.max_eval_examples": "-1"}, "eval.max_eval_examples must be >= 0"),
+        ("jpeg_decode", {"data.jpeg_decode": "crop"}, "data.jpeg_decode must be one of full, union, crops"),
     )
     def test_bad_values_raise_one_clear_sentence(self, overrides, pattern):
         with self.assertRaisesRegex(cfg.ConfigError, pattern) as caught:

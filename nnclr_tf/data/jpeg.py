@@ -15,12 +15,14 @@ decoded. Bytes that are not a JPEG (a PNG named .jpg) are decoded whole and cut 
 
 import tensorflow as tf
 
+from nnclr_tf.config import JPEG_DECODES  # noqa: F401  (the names; re-exported)
+
 # pretraining_dataset(jpeg_decode=...): "full" decodes the whole image and crops it (the path of
 # every other format), "crops" decodes each view's window on its own, "union" decodes once the
 # smallest window holding both. benchmarks/input_pipeline.py measures them (BUILD.md): entropy
 # decoding, which a window saves only below its bottom row, dominates, so for two views none of
-# them costs measurably less CPU than "full", the default.
-JPEG_DECODES = ("full", "union", "crops")
+# them costs measurably less CPU than "full", the default (data.jpeg_decode in the config).
+# JPEG_DECODES, imported above from nnclr_tf.config, names them.
 
 
 def _cut(image, window):
