@@ -129,9 +129,12 @@ _MODE_FLAGS = {
                  "backbone", "image_size", "queue_size", "temperature", "mixed_precision", "strategy",
                  "cpu_replicas", "jit_compile", "seed", "download", "allow_config_change", "set",
                  "debug"),
-    "knn": _EVAL_FLAGS, "linear_eval": _EVAL_FLAGS, "finetune": _EVAL_FLAGS, "transfer": _EVAL_FLAGS,
+    "knn": _EVAL_FLAGS, "transfer": _EVAL_FLAGS,
+    # The protocols that train a head run under the pretraining's strategy and precision.
+    "linear_eval": (*_EVAL_FLAGS[:-1], "strategy", "cpu_replicas", "mixed_precision", "debug"),
     "export": ("model_dir", "output", "overwrite", "format", "debug"),
 }
+_MODE_FLAGS["finetune"] = _MODE_FLAGS["linear_eval"]
 _MODE_FLAGS["show_config"] = _MODE_FLAGS["pretrain"]
 _MODE_FLAGS.update(
     embed=("encoder", "input", "dataset", "split", "data_dir", "output", "batch_size", "overwrite",
