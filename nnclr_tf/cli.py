@@ -320,8 +320,8 @@ def run() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # TensorFlow turns its oneDNN kernels on by itself only on CPUs with AVX-512 VNNI / BF16 or
-    # AMX; on AVX2 CPUs they still run the default job's step 2.2x faster than the default
-    # kernels (BUILD.md, "The default job"). Read once, when TensorFlow is imported: an
+    # AMX; on AVX2 CPUs they still run the default job's step 1.5x faster than the default
+    # kernels (2.8x a ResNet-18's; BUILD.md, "The default job"). Read once, on import: an
     # explicit TF_ENABLE_ONEDNN_OPTS=0 keeps them off.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     words = sys.argv[1:]
