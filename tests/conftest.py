@@ -6,6 +6,7 @@ Test modules (pytest or absl parameterized.TestCase) import them with
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 import keras  # noqa: E402  (after the environment TensorFlow reads once)
 import numpy as np
 import pytest
+from absl import flags
+
+from nnclr_tf import cli
 
 
 def tiny_encoder(input_shape=(16, 16, 3), width=8, name="tiny_encoder"):
@@ -134,3 +138,31 @@ def float32_policy():
     keras.mixed_precision.set_dtype_policy("float32")
     yield
     keras.mixed_precision.set_dtype_policy("float32")
+
+
+def run_cli(capsys, *args):
+    """`nnclr *args` in this process, for its message only (a subprocess costs a TensorFlow import):
+    (exit code, stdout, stderr)."""
+    try:
+        argv = flags.FLAGS(["nnclr", *args])
+        try:
+            cli.main(argv)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+    finally:
+        flags.FLAGS.unparse_flags()
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def free_ports(count):
+    """`count` free TCP ports on 127.0.0.1 (for workers of a loopback cluster)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

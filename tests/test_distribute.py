@@ -17,7 +17,6 @@ SGD step (lr 1) from a single activation that is 0.0 in one run and 2.4e-7 in th
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_encoder
+from conftest import free_ports, tiny_encoder
 from nnclr_tf import config as cfg
 from nnclr_tf import distribute
 from nnclr_tf.model import NNCLR
@@ -132,17 +131,6 @@ def test_mirrored_assign_write_mode_trains_bitwise_like_scatter(mirrored, tmp_pa
     assign, scatter = Run(path), mirrored[0]
     np.testing.assert_array_equal(*assign.copies("embeddings"))
     assert_same_training(assign, scatter, atol=0)
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def run_two_workers(tmp_path, tag, args_for, expect_success=True):

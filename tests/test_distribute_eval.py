@@ -7,12 +7,11 @@ must be set before TensorFlow starts), so all of these are slow.
 import csv
 import json
 import os
-import socket
 import subprocess
 import time
 
 import pytest
-from conftest import nnclr_command, run_nnclr
+from conftest import free_ports, nnclr_command, run_nnclr
 
 from nnclr_tf.data import dataset_info
 
@@ -50,17 +49,6 @@ def test_report_on_two_cpu_replicas_scores_every_image_once(tmp_path, embedded_d
     assert f"{test} images of the 'test' split" in markdown
     assert all(f"| {name} |" in markdown for name in ("trained", "raw pixels", "random init"))
     assert (tmp_path / "run" / "saved_model").is_dir()
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def run_nnclr_on_two_workers(*args, cwd, data_dir, timeout=900):

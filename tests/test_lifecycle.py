@@ -23,10 +23,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
 
-from conftest import nnclr_command, run_nnclr
-from nnclr_tf import cli, evaluate, export, modes, train
+from conftest import nnclr_command, run_cli, run_nnclr
+from nnclr_tf import evaluate, export, modes, train
 from nnclr_tf import config as cfg
 from nnclr_tf.augment import view_augmenter
 from nnclr_tf.callbacks import CSVLog
@@ -62,22 +61,6 @@ def trained_fixture(tmp_path_factory, data_dir):
     model_dir = tmp_path_factory.mktemp("trained") / "run"
     result = train.pretrain(tiny(model_dir, data_dir, **{"optim.train_steps": "2"}), verbose=0)
     return str(model_dir), result.model
-
-
-def run_cli(capsys, *args):
-    """`nnclr *args` in this process, for its message only (a subprocess costs a TensorFlow import):
-    (exit code, stdout, stderr)."""
-    try:
-        argv = flags.FLAGS(["nnclr", *args])
-        try:
-            cli.main(argv)
-            code = 0
-        except SystemExit as stop:
-            code = stop.code
-    finally:
-        flags.FLAGS.unparse_flags()
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def snapshot(folder):

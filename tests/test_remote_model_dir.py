@@ -13,10 +13,8 @@ import os
 import keras
 import pytest
 import tensorflow as tf
-from absl import flags
 
-from conftest import run_nnclr
-from nnclr_tf import cli
+from conftest import run_cli, run_nnclr
 
 
 @pytest.fixture(autouse=True)
@@ -25,21 +23,6 @@ def keep_dtype_policy():
     policy = keras.mixed_precision.global_policy()
     yield
     keras.mixed_precision.set_global_policy(policy)
-
-
-def _nnclr(capsys, *args):
-    """`nnclr *args` in this process: (exit code, stdout, stderr)."""
-    try:
-        argv = flags.FLAGS(["nnclr", *args])
-        try:
-            cli.main(argv)
-            code = 0
-        except SystemExit as stop:
-            code = stop.code
-    finally:
-        flags.FLAGS.unparse_flags()
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _files(model_dir):
@@ -52,16 +35,16 @@ def test_pretrain_linear_eval_export_with_a_remote_model_dir(embedded_data_dir, 
                                                               monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     model_dir = f"ram://{tmp_path.name}/imagenet"
-    code, _, err = _nnclr(capsys, "pretrain", "--preset=tiny", f"--model_dir={model_dir}",
+    code, _, err = run_cli(capsys, "pretrain", "--preset=tiny", f"--model_dir={model_dir}",
                           f"--data_dir={embedded_data_dir}", "--train_steps=2",
                           "--set", "run.report=false")
     assert code == 0, err[-3000:]
-    code, _, err = _nnclr(capsys, "linear_eval", f"--model_dir={model_dir}",
+    code, _, err = run_cli(capsys, "linear_eval", f"--model_dir={model_dir}",
                           "--set", "eval.linear_epochs=1")
     assert code == 0, err[-3000:]
     result = json.loads(tf.io.gfile.GFile(f"{model_dir}/linear_eval.json").read())
     assert result["dataset"] == "embedded", result  # the run's own, read from the remote config
-    code, _, err = _nnclr(capsys, "export", f"--model_dir={model_dir}")
+    code, _, err = run_cli(capsys, "export", f"--model_dir={model_dir}")
     assert code == 0, err[-3000:]
     written = _files(model_dir)
     assert {"config.json", "checkpoints/checkpoint", "checkpoints/ckpt-2.index",
