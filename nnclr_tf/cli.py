@@ -257,7 +257,8 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("nnclr_tf").setLevel(logging.INFO)
     absl_logging.set_verbosity(absl_logging.WARNING)  # TFDS's per-file chatter
-    _import_tensorflow_quietly()
+    if mode != "show_config":  # the one mode that never loads TensorFlow
+        _import_tensorflow_quietly()
     try:
         _run_mode(mode)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
