@@ -1,7 +1,7 @@
 """The end-of-run report: kNN and linear-probe top-1 of the trained encoder beside raw pixels and a
-random one, through one protocol,
-the exported SavedModel, and the pictures (training curves, nearest-neighbour grid); and, built from
-the same config, the kNN monitor that reports kNN top-1 during pretraining.
+random one, through one protocol, with McNemar's test of whether the trained encoder and raw pixels
+differ by more than chance on these test images; the exported SavedModel, and the pictures
+(training curves, nearest-neighbour grid); and, built from the same config, the kNN monitor that reports kNN top-1 during pretraining.
 
     callbacks = knn_monitor_callbacks(config, num_classes)   # [] unless eval.knn_every_epochs > 0
     scores = encoder_scores(encoder, config, num_classes)    # {"knn_top1", "linear_top1", ...}
@@ -111,14 +111,36 @@ def encoder_scores(encoder, config: Config, num_classes: int,
                    max_train_examples: int = REPORT_MAX_TRAIN_EXAMPLES) -> dict:
     """kNN and linear-probe top-1 on the eval split, the bank / training set being eval_train_split
     (at most `max_train_examples` of it: `train_sample_size`)."""
+    return _scores_and_correct(encoder, config, num_classes, max_train_examples)[0]
+
+
+def _scores_and_correct(encoder, config: Config, num_classes: int, max_train_examples: int):
+    """(encoder_scores' dict, {"labels", "knn", "linear"}: the test labels and, per probe, whether
+    each test image was classified right), for paired comparisons of two encoders."""
     d, e = config.data, config.eval
     train_x, train_y = _train_features(encoder, config, max_train_examples)
     test_x, test_y = _features(encoder, config, d.eval_split, e.max_eval_examples)
     knn = evaluate.knn_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes,
-                                k=min(e.knn_k, len(train_x)), temperature=e.knn_temperature)
-    linear = evaluate.linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes)
-    return {"knn_top1": float(knn["top1"]), "linear_top1": float(linear["top1"]),
-            "num_train": len(train_y), "num_test": len(test_y)}
+                                k=min(e.knn_k, len(train_x)), temperature=e.knn_temperature,
+                                return_predictions=True)
+    linear = evaluate.linear_probe_accuracy(train_x, train_y, test_x, test_y,
+                                            num_classes=num_classes, return_predictions=True)
+    test_y = np.asarray(test_y).reshape(-1)
+    correct = {"labels": test_y, "knn": knn["predictions"] == test_y,
+               "linear": linear["predictions"] == test_y}
+    return ({"knn_top1": float(knn["top1"]), "linear_top1": float(linear["top1"]),
+             "num_train": len(train_y), "num_test": len(test_y)}, correct)
+
+
+def paired_tests(correct_a: dict, correct_b: dict) -> dict | None:
+    """McNemar's exact p-values of encoder a against encoder b on the same test images, per probe:
+    {"knn_p", "linear_p", "test"}; None when the two were not scored on the same labelled images."""
+    if not np.array_equal(correct_a["labels"], correct_b["labels"]):
+        return None
+    return {"knn_p": evaluate.mcnemar_exact_p(correct_a["knn"], correct_b["knn"]),
+            "linear_p": evaluate.mcnemar_exact_p(correct_a["linear"], correct_b["linear"]),
+            "test": "McNemar's exact test (two-sided) on the per-image correctness of the two "
+                    "encoders over the same test images"}
 
 
 def raw_pixel_size(config: Config) -> int:
@@ -142,11 +164,15 @@ def raw_pixel_scores(config: Config, num_classes: int,
     probe (so it also checks them), at `raw_pixel_size`. Sized for small images: 28x28x1 gives
     784 features.
     """
+    return _raw_pixel_scores_and_correct(config, num_classes, max_train_examples)[0]
+
+
+def _raw_pixel_scores_and_correct(config: Config, num_classes: int, max_train_examples: int):
     size, channels = raw_pixel_size(config), _channels(config)
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=size))
     flatten = keras.layers.Flatten(dtype="float32")  # float32 even under a mixed policy
     pixels = keras.Sequential([keras.Input((size, size, channels)), flatten], name="raw_pixels")
-    return encoder_scores(pixels, config, num_classes, max_train_examples)
+    return _scores_and_correct(pixels, config, num_classes, max_train_examples)
 
 
 def _channels(config: Config) -> int:
@@ -201,12 +227,17 @@ def write_report(model, config: Config, run_dir: RunDir, input_shape, info) -> d
         report["saved_model"] = run_dir.export(model, input_shape)
     if info.num_classes > 0:
         report["config"] = config_summary(config)
-        report["trained"] = encoder_scores(model.encoder, config, info.num_classes)
+        report["trained"], trained_correct = _scores_and_correct(
+            model.encoder, config, info.num_classes, REPORT_MAX_TRAIN_EXAMPLES)
         # The baseline a representation has to beat: the pixels it was computed from.
         if raw_pixel_features(config) <= RAW_PIXEL_LIMIT:
-            report["raw_pixels"] = raw_pixel_scores(config, info.num_classes)
+            report["raw_pixels"], raw_correct = _raw_pixel_scores_and_correct(
+                config, info.num_classes, REPORT_MAX_TRAIN_EXAMPLES)
             size = raw_pixel_size(config)
             report["raw_pixels"]["pixels"] = f"{size}x{size}x{_channels(config)}"
+            tests = paired_tests(trained_correct, raw_correct)
+            if tests is not None:
+                report["trained_vs_raw_pixels"] = tests
         report["random_init"] = encoder_scores(random_encoder(config, input_shape), config,
                                                info.num_classes)
         report["protocol"] = protocol(config, report["trained"], REPORT_MAX_TRAIN_EXAMPLES)
@@ -257,7 +288,9 @@ def protocol(config: Config, scores: dict,
 
 
 def raw_pixel_verdict(report: dict, pixel_features: int) -> str:
-    """One sentence: does the trained encoder beat raw pixels on kNN and on the linear probe?"""
+    """One sentence: does the trained encoder beat raw pixels on kNN and on the linear probe, and
+    are the differences larger than chance on this many test images
+    (report["trained_vs_raw_pixels"], when the report has it)?"""
     if "raw_pixels" not in report:
         return (f"Raw pixels were not scored: {pixel_features} features per image is more than the "
                 f"probe is sized for ({RAW_PIXEL_LIMIT}).")
@@ -267,13 +300,37 @@ def raw_pixel_verdict(report: dict, pixel_features: int) -> str:
                                       ("linear", "linear_top1", "the linear probe"))}
     beats = {name: trained[f"{name}_top1"] > raw[f"{name}_top1"] for name in parts}
     if all(beats.values()):
-        return f"The trained encoder beats raw pixels on both {parts['knn']} and {parts['linear']}."
-    if not any(beats.values()):
-        return (f"The trained encoder does not beat raw pixels, neither on {parts['knn']} nor on "
-                f"{parts['linear']}.")
-    better, worse = ("knn", "linear") if beats["knn"] else ("linear", "knn")
-    return (f"The trained encoder beats raw pixels on {parts[better]} but not on "
-            f"{parts[worse]}.")
+        claim = f"The trained encoder beats raw pixels on both {parts['knn']} and {parts['linear']}"
+    elif not any(beats.values()):
+        claim = (f"The trained encoder does not beat raw pixels, neither on {parts['knn']} nor on "
+                 f"{parts['linear']}")
+    else:
+        better, worse = ("knn", "linear") if beats["knn"] else ("linear", "knn")
+        claim = (f"The trained encoder beats raw pixels on {parts[better]} but not on "
+                 f"{parts[worse]}")
+    return claim + _significance(report.get("trained_vs_raw_pixels"), trained.get("num_test")) + "."
+
+
+def _significance(tests: dict | None, num_test) -> str:
+    """The verdict's closing clause: both p-values and which differences are significant at 5 %
+    (empty without paired tests)."""
+    if not tests:
+        return ""
+    significant = {name: tests[f"{name}_p"] < 0.05 for name in ("knn", "linear")}
+    if all(significant.values()):
+        conclusion = "both differences are significant"
+    elif not any(significant.values()):
+        conclusion = "neither difference is significant"
+    else:
+        conclusion = ("only the kNN difference is significant" if significant["knn"]
+                      else "only the linear-probe difference is significant")
+    return (f"; McNemar's exact test on these {num_test} test images gives "
+            f"{_p_value(tests['knn_p'])} (kNN) and {_p_value(tests['linear_p'])} (linear probe), "
+            f"so {conclusion} at the 5 % level")
+
+
+def _p_value(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
 def _percent(fraction: float) -> str:

@@ -31,6 +31,13 @@ def test_pretrain_evaluate_export_end_to_end(tmp_path, embedded_data_dir):
     assert trained["knn_top1"] > TRAINED_KNN and trained["linear_top1"] > TRAINED_LINEAR, report
     assert random_init["knn_top1"] > RANDOM_INIT and random_init["linear_top1"] > RANDOM_INIT, report
     assert trained["linear_top1"] > random_init["linear_top1"] + 0.05, report
+    # Trained vs raw pixels on the same 512 test images: McNemar's p-values, quoted in the verdict.
+    paired = report["trained_vs_raw_pixels"]
+    quoted = ["p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+              for p in (paired["knn_p"], paired["linear_p"])]
+    assert (f"McNemar's exact test on these 512 test images gives {quoted[0]} (kNN) and "
+            f"{quoted[1]} (linear probe)") in report["verdict"], report["verdict"]
+    assert report["verdict"] in (run / "report.md").read_text()
     assert "kNN top-1" in done.stdout and "random init" in done.stdout
     # TensorFlow's start-up notices for the oneDNN switch (run with it on, as conftest sets) and
     # Keras' per-fit shuffle warning are not passed on to the user.

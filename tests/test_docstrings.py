@@ -38,6 +38,9 @@ projection_head = ProjectionHead()
 """,
     "nnclr_tf.batch_norm": "import numpy as np\nx = np.random.rand(4, 8).astype('float32')\n",
     "nnclr_tf.data.subsets": "import numpy as np\nlabels = np.repeat(np.arange(10), 300)\n",
+    "nnclr_tf.evaluation.significance": (
+        "import numpy as np\nlabels = np.arange(40) % 4\n"
+        "predictions_a, predictions_b = labels.copy(), (labels + (np.arange(40) % 3 == 0)) % 4\n"),
     "nnclr_tf.preprocessing": "import numpy as np\nimages_float01 = np.random.rand(2, 375, 500, 3)\n",
     "nnclr_tf.similarity": """
 import numpy as np

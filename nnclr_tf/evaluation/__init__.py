@@ -10,7 +10,9 @@ One function per protocol takes an encoder keras.Model mapping images [batch, H,
     fine_tune(encoder, train, test, num_classes)             # the whole encoder, 30 epochs
     transfer_suite(encoder, ["cifar10", "dtd"])              # L-BFGS probe per dataset
 
-On precomputed features: `knn_accuracy` and `linear_probe_accuracy` (`extract_features` makes them).
+On precomputed features: `knn_accuracy` and `linear_probe_accuracy` (`extract_features` makes them;
+`return_predictions=True` adds the predicted classes), and `mcnemar_exact_p` to tell whether two
+classifiers' accuracies on the same test images differ by more than chance.
 """
 
 from nnclr_tf.evaluation.features import as_dataset, even_batches, extract_features
@@ -21,6 +23,7 @@ from nnclr_tf.evaluation.linear import (
     linear_probe_accuracy,
     linear_probe_evaluate,
 )
+from nnclr_tf.evaluation.significance import mcnemar_exact_p
 from nnclr_tf.evaluation.transfer import (
     DEFAULT_TRANSFER_DATASETS,
     PAPER_METRIC,
@@ -47,6 +50,7 @@ __all__ = [
     "linear_evaluation",
     "linear_probe_accuracy",
     "linear_probe_evaluate",
+    "mcnemar_exact_p",
     "results_markdown",
     "transfer_suite",
     "write_results",

@@ -130,8 +130,10 @@ def knn_predict(
     return scores if return_scores else np.argmax(scores, axis=1).astype(np.int64)
 
 
-def knn_accuracy(bank_features, bank_labels, query_features, query_labels, num_classes, **kwargs):
-    """kNN accuracy: {"top1": float, "top5": float (only when num_classes >= 5)}.
+def knn_accuracy(bank_features, bank_labels, query_features, query_labels, num_classes,
+                 return_predictions=False, **kwargs):
+    """kNN accuracy: {"top1": float, "top5": float (only when num_classes >= 5)}, and with
+    `return_predictions` "predictions": the [N] top-1 classes (int64).
 
     `kwargs` are those of `knn_predict` (k, temperature, batch_size, bank_batch_size).
     """
@@ -139,7 +141,10 @@ def knn_accuracy(bank_features, bank_labels, query_features, query_labels, num_c
     scores = knn_predict(
         bank_features, bank_labels, query_features, num_classes, return_scores=True, **kwargs
     )
-    return accuracy_metrics(scores, query_labels, num_classes)
+    results = accuracy_metrics(scores, query_labels, num_classes)
+    if return_predictions:
+        results["predictions"] = np.argmax(scores, axis=1).astype(np.int64)
+    return results
 
 
 def knn_evaluate(

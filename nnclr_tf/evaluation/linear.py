@@ -128,6 +128,7 @@ def linear_probe_accuracy(
     validation_fraction=0.2,
     max_iterations=500,
     seed=0,
+    return_predictions=False,
 ):
     """Multinomial logistic regression on precomputed features, L2 chosen on a validation split.
 
@@ -139,7 +140,8 @@ def linear_probe_accuracy(
       train_x, test_x: [N, D] features; train_y, test_y: [N] labels in [0, num_classes).
 
     Returns:
-      dict(top1, top5 (num_classes >= 5), mean_per_class, l2, val_top1) on the test rows.
+      dict(top1, top5 (num_classes >= 5), mean_per_class, l2, val_top1) on the test rows, and with
+      `return_predictions` "predictions": the [N] top-1 classes of the test rows (int64).
     """
     train_x = np.asarray(train_x, np.float32)
     test_x = np.asarray(test_x, np.float32)
@@ -187,6 +189,8 @@ def linear_probe_accuracy(
     results = accuracy_metrics(scores, test_y, num_classes)
     results["mean_per_class"] = mean_per_class_accuracy(np.argmax(scores, axis=1), test_y)
     results.update(l2=float(l2), val_top1=val_top1)
+    if return_predictions:
+        results["predictions"] = np.argmax(scores, axis=1).astype(np.int64)
     return results
 
 
