@@ -1,7 +1,8 @@
 """The end-of-run report: kNN and linear-probe top-1 of the trained encoder beside raw pixels and a
 random one, through one protocol, with McNemar's test of whether the trained encoder and raw pixels
 differ by more than chance on these test images; the exported SavedModel, and the pictures
-(training curves, nearest-neighbour grid); and, built from the same config, the kNN monitor that reports kNN top-1 during pretraining.
+(training curves, nearest-neighbour grid); and, built from the same config, the kNN monitor that
+reports kNN top-1 during pretraining.
 
     callbacks = knn_monitor_callbacks(config, num_classes)   # [] unless eval.knn_every_epochs > 0
     scores = encoder_scores(encoder, config, num_classes)    # {"knn_top1", "linear_top1", ...}
