@@ -4,12 +4,14 @@ Test modules (pytest or absl parameterized.TestCase) import them with
 `from conftest import tiny_encoder, round_trip`; pytest puts tests/ on sys.path.
 """
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 # The kernels the `nnclr` command runs (nnclr_tf.cli.run sets this before TensorFlow loads).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
@@ -166,3 +168,31 @@ def free_ports(count):
     finally:
         for s in sockets:
             s.close()
+
+
+def run_loopback_workers(commands, env_for, logs, timeout, cwd=None):
+    """One process per command, as the workers of a MultiWorkerMirroredStrategy cluster on
+    127.0.0.1 (TF_CONFIG set; index 0 the chief), each writing stdout and stderr to its log, stdin
+    closed; all killed `timeout` seconds after the start. `env_for(index)` gives each worker's extra
+    environment. Returns [(exit code, output)] per worker."""
+    workers = [f"127.0.0.1:{port}" for port in free_ports(len(commands))]
+    processes = []
+    for index, command in enumerate(commands):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env_for(index), TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        log = open(logs[index], "w", encoding="utf-8")  # pylint: disable=consider-using-with
+        processes.append((subprocess.Popen(  # pylint: disable=consider-using-with
+            command, cwd=None if cwd is None else str(cwd), env=env, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log))
+    deadline = time.monotonic() + timeout
+    try:
+        for process, _ in processes:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
+    return [(process.returncode, log_path.read_text(encoding="utf-8"))
+            for (process, _), log_path in zip(processes, logs)]

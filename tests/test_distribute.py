@@ -19,14 +19,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import free_ports, tiny_encoder
+from conftest import run_loopback_workers, tiny_encoder
 from nnclr_tf import config as cfg
 from nnclr_tf import distribute
 from nnclr_tf.model import NNCLR
@@ -137,30 +136,15 @@ def run_two_workers(tmp_path, tag, args_for, expect_success=True):
     """Two MultiWorkerMirroredStrategy workers (TF_CONFIG on 127.0.0.1, index 0 the chief) running
     `distributed_worker.py *args_for(index)`, TMPDIR tmp_path/tmp<index>; killed after 300 s.
     Returns their outputs."""
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes, logs = [], [tmp_path / f"{tag}{index}.log" for index in range(2)]
-    for index in range(2):
-        scratch = tmp_path / f"tmp{index}"
-        scratch.mkdir(exist_ok=True)
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(scratch), TF_CONFIG=json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
-        log = open(logs[index], "w", encoding="utf-8")  # pylint: disable=consider-using-with
-        processes.append((subprocess.Popen(  # pylint: disable=consider-using-with
-            [sys.executable, WORKER, *args_for(index)], env=env, stdout=log,
-            stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + 300
-    try:
-        for process, _ in processes:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for process, log in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            log.close()
-    outputs = [log.read_text(encoding="utf-8") for log in logs]
-    for (process, _), output in zip(processes, outputs):
-        succeeded = process.returncode == 0 and "WORKER_OK" in output
+    def scratch(index):
+        (tmp_path / f"tmp{index}").mkdir(exist_ok=True)
+        return {"TMPDIR": str(tmp_path / f"tmp{index}")}
+
+    results = run_loopback_workers([[sys.executable, WORKER, *args_for(index)] for index in range(2)],
+                                   scratch, [tmp_path / f"{tag}{index}.log" for index in range(2)], 300)
+    outputs = [output for _, output in results]
+    for (code, output) in results:
+        succeeded = code == 0 and "WORKER_OK" in output
         assert succeeded == expect_success, output[-4000:]
     return outputs
 

@@ -7,11 +7,9 @@ must be set before TensorFlow starts), so all of these are slow.
 import csv
 import json
 import os
-import subprocess
-import time
 
 import pytest
-from conftest import free_ports, nnclr_command, run_nnclr
+from conftest import nnclr_command, run_loopback_workers, run_nnclr
 
 from nnclr_tf.data import dataset_info
 
@@ -54,28 +52,9 @@ def test_report_on_two_cpu_replicas_scores_every_image_once(tmp_path, embedded_d
 def run_nnclr_on_two_workers(*args, cwd, data_dir, timeout=900):
     """`nnclr *args` in two processes, MultiWorkerMirroredStrategy workers on 127.0.0.1 (index 0 the
     chief), both in `cwd`; killed at `timeout`. Returns [(exit code, output)] per worker."""
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes, logs = [], [cwd / f"worker{index}.log" for index in range(2)]
-    for index in range(2):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TFDS_DATA_DIR=str(data_dir),
-                   TF_CONFIG=json.dumps({"cluster": {"worker": workers},
-                                         "task": {"type": "worker", "index": index}}))
-        log = open(logs[index], "w", encoding="utf-8")  # pylint: disable=consider-using-with
-        processes.append((subprocess.Popen(  # pylint: disable=consider-using-with
-            [*nnclr_command(), *args], cwd=str(cwd), env=env, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log))
-    deadline = time.monotonic() + timeout
-    try:
-        for process, _ in processes:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for process, log in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            log.close()
-    return [(process.returncode, log_path.read_text(encoding="utf-8"))
-            for (process, _), log_path in zip(processes, logs)]
+    return run_loopback_workers([[*nnclr_command(), *args]] * 2,
+                                lambda index: {"TFDS_DATA_DIR": str(data_dir)},
+                                [cwd / f"worker{index}.log" for index in range(2)], timeout, cwd=cwd)
 
 
 def scores(report, row):
