@@ -15,9 +15,11 @@ import functools
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import textwrap
+import threading
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -259,6 +261,10 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # TFDS's per-file chatter
     if mode != "show_config":  # the one mode that never loads TensorFlow
         _import_tensorflow_quietly()
+    # Restored at the end: main() also runs inside other programs (tests, notebooks).
+    handles_sigterm = threading.current_thread() is threading.main_thread()  # Python's rule
+    if handles_sigterm:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _run_mode(mode)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
@@ -267,11 +273,40 @@ def main(argv) -> None:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"nnclr {mode}: error: {message}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM during pretrain: one line, 128 + signal
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, exit 128 + signal
         if FLAGS.debug:
             raise
-        print(f"nnclr {mode}: {stop or 'interrupted'}", file=sys.stderr)
-        sys.exit(getattr(stop, "exit_code", 130))
+        print(f"nnclr {mode}: {_stopped(mode, stop)}", file=sys.stderr)
+        sys.exit(getattr(stop, "exit_code", 128 + signal.SIGINT))
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a preempted VM) outside pretraining's steps, which handle it
+    themselves (callbacks.StopOnSignal): the mode stops as on Ctrl-C, with the shell's exit 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    del signum, frame
+    raise Terminated()
+
+
+# What running the same command again does after a stop; the other modes start again.
+_AFTER_A_STOP = {"pretrain": "resumes from the last checkpoint",
+                 "embed": "embeds only the images not yet embedded"}
+
+
+def _stopped(mode: str, stop: KeyboardInterrupt) -> str:
+    """The line for a mode stopped by a signal: the stop's own (pretraining names its step), or
+    the cause and what the same command does next."""
+    if str(stop):
+        return str(stop)
+    cause = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
+    return f"{cause}; the same command {_AFTER_A_STOP.get(mode, 'runs it again from the start')}"
 
 
 # Start-up notices TensorFlow 2.21 writes to stderr before its log level applies; with

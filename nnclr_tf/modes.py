@@ -106,7 +106,8 @@ def linear_eval(config: Config, output=None) -> dict:
     info, train, test = _eval_datasets(config, augment_train="crop_flip")
     result = evaluate.linear_evaluation(encoder, train, test, num_classes=info.num_classes,
                                         epochs=e.linear_epochs, learning_rate=e.linear_learning_rate,
-                                        strategy=strategy)
+                                        strategy=strategy,
+                                        callbacks=[evaluate.EpochLog("linear_eval")])
     return _finish(config, {"protocol": "linear_eval", "dataset": config.data.dataset,
                             **_splits(config, info.num_examples), "batch_size": e.linear_batch_size,
                             "augment": "crop_flip", **_distribution(strategy, precision), **result},
@@ -128,7 +129,8 @@ def finetune(config: Config, output=None) -> dict:
                                        batch_size=batch_size)
     result = evaluate.fine_tune(encoder, train, test, num_classes=info.num_classes,
                                 epochs=e.finetune_epochs, learning_rate=e.finetune_learning_rate,
-                                strategy=strategy)
+                                strategy=strategy,
+                                callbacks=[evaluate.EpochLog("finetune")])
     scores = result[0] if isinstance(result, tuple) else result
     num_train = subset_size(e.label_fraction, info.num_examples)
     return _finish(config, {"protocol": "finetune", "label_fraction": e.label_fraction,

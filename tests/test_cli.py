@@ -101,3 +101,22 @@ def test_the_command_turns_onednn_on_unless_told_otherwise(monkeypatch, preset, 
         cli.run()
     assert done.value.code in (0, None)  # help printed, success
     assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == expected
+
+
+def test_main_gives_back_the_sigterm_handler_it_found(capsys):
+    # `nnclr` turns SIGTERM into a one-line stop (test_eval_modes); called in-process, as in a
+    # notebook or these tests, it must not leave that handler behind.
+    import signal
+
+    from conftest import run_cli
+
+    def mine(signum, frame):
+        del signum, frame
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        code, out, _ = run_cli(capsys, "show_config", "--preset=tiny")
+        assert code == 0 and '"model_dir": "runs/tiny"' in out
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)

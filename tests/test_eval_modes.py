@@ -6,10 +6,14 @@ One tiny pretraining run is shared by the module; every mode must write `<mode>.
 
 import json
 import os
+import re
+import signal
+import subprocess
+import threading
 
 import numpy as np
 import pytest
-from conftest import run_nnclr
+from conftest import nnclr_command, run_nnclr
 
 
 def nnclr(*args, cwd):
@@ -57,7 +61,8 @@ def results(model_dir, name):
      {"protocol": "linear_eval", "epochs": 3, "num_train": 10000}, 0.2),
     ("finetune", ["--set=eval.label_fraction=0.1", "--set=eval.finetune_epochs=5",
                   "--set=eval.finetune_learning_rate=0.1"],
-     {"protocol": "finetune", "label_fraction": 0.1, "num_train": 1000, "batch_size": 124}, 0.25),
+     {"protocol": "finetune", "label_fraction": 0.1, "num_train": 1000, "batch_size": 124,
+      "epochs": 5}, 0.25),
 ])
 def test_mode_writes_json_and_markdown_and_scores_above_chance(run, mode, extra, expected, least):
     common, model_dir, root = run
@@ -74,6 +79,44 @@ def test_mode_writes_json_and_markdown_and_scores_above_chance(run, mode, extra,
     assert least <= values["top1"] <= values["top5"] <= 1.0
     assert markdown.startswith("| dataset | top1 (%) | top5 (%) |")
     assert markdown in done.stdout
+    # The classifier's fit is silent; the modes that train one log each epoch.
+    epochs = expected.get("epochs", 0)  # knn trains nothing
+    logged = [int(m.group(1)) for m in re.finditer(
+        rf"{mode}: epoch (\d+)/{epochs}, loss \d+\.\d{{4}}, train top-1 \d+\.\d %, "
+        r"\d+:\d\d:\d\d so far$", done.stderr, flags=re.M)]
+    assert logged == list(range(1, epochs + 1)), done.stderr[-2000:]
+
+
+def test_sigterm_stops_an_evaluation_mode_with_one_line_and_writes_nothing(run):
+    # A scheduler's SIGTERM used to end linear_eval at once without a word (Python's default).
+    common, model_dir, root = run
+    before = {name: open(os.path.join(model_dir, name), "rb").read()
+              for name in os.listdir(model_dir) if name.startswith("linear_eval.")}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen([*nnclr_command(), "linear_eval", *common,
+                                "--set=eval.linear_epochs=200"], cwd=root, env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(600, process.kill)  # a hung run fails the test, not the suite
+    watchdog.start()
+    try:
+        lines = []
+        for line in process.stderr:  # the first epoch's line: the head is training
+            lines.append(line)
+            if "linear_eval: epoch 1/200" in line:
+                process.send_signal(signal.SIGTERM)
+                break
+        lines += process.stderr.readlines()
+        code = process.wait()
+    finally:
+        watchdog.cancel()
+    assert code == 128 + signal.SIGTERM, lines[-20:]
+    assert lines[-1].rstrip("\n") == (
+        "nnclr linear_eval: stopped by SIGTERM; the same command runs it again from the start")
+    assert not any("Traceback" in line for line in lines)
+    after = {name: open(os.path.join(model_dir, name), "rb").read()
+             for name in os.listdir(model_dir) if name.startswith("linear_eval.")}
+    assert after == before
 
 
 @pytest.mark.slow  # extracts features of every available dataset; transfer_suite is unit-tested

@@ -12,9 +12,11 @@ One function per protocol takes an encoder keras.Model mapping images [batch, H,
 
 On precomputed features: `knn_accuracy` and `linear_probe_accuracy` (`extract_features` makes them;
 `return_predictions=True` adds the predicted classes), and `mcnemar_exact_p` to tell whether two
-classifiers' accuracies on the same test images differ by more than chance.
+classifiers' accuracies on the same test images differ by more than chance. `EpochLog` (pass it in
+`callbacks=`) logs one line per epoch of linear_evaluation or fine_tune, whose fit is silent.
 """
 
+from nnclr_tf.evaluation.classifier import EpochLog
 from nnclr_tf.evaluation.features import as_dataset, even_batches, extract_features
 from nnclr_tf.evaluation.finetune import fine_tune
 from nnclr_tf.evaluation.knn import KNNMonitor, knn_accuracy, knn_evaluate, knn_predict
@@ -36,6 +38,7 @@ from nnclr_tf.evaluation.transfer import (
 
 __all__ = [
     "DEFAULT_TRANSFER_DATASETS",
+    "EpochLog",
     "KNNMonitor",
     "PAPER_METRIC",
     "PAPER_TRANSFER",

@@ -44,6 +44,7 @@ def fine_tune(
     batch_size=256,
     seed=0,
     strategy=None,
+    callbacks=None,
 ):
     """Fine-tunes a copy of the encoder plus a linear head end to end on labelled data.
 
@@ -56,6 +57,7 @@ def fine_tune(
       epochs, learning_rate, momentum, weight_decay: SGD with momentum, cosine decay to 0
         (defaults: 30 epochs at 0.01, as `nnclr finetune`).
       batch_size: batch size for arrays.
+      callbacks: Keras callbacks for the fit (e.g. `EpochLog`, as the `nnclr` modes pass).
       strategy: a tf.distribute strategy to train under (default: the current one); the copy
         and its head are built in its scope, and batches are global (Keras splits each over the
         replicas). The head's logits are float32 under any policy.
@@ -79,7 +81,8 @@ def fine_tune(
             classifier, learning_rate, epochs * steps, momentum, weight_decay, num_classes
         )
     classifier.fit(
-        train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False
+        train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,
+        callbacks=callbacks,
     )
     results = evaluate_classifier(classifier, test_ds, num_classes)
     return {**results, "epochs": int(epochs), "learning_rate": float(learning_rate)}, classifier

@@ -225,6 +225,7 @@ def linear_evaluation(
     batch_size=256,
     seed=0,
     strategy=None,
+    callbacks=None,
 ):
     """The paper's linear evaluation: a Dense head trained on a frozen encoder.
 
@@ -242,6 +243,7 @@ def linear_evaluation(
       epochs, learning_rate, momentum, weight_decay: the head's SGD schedule (defaults: the
         paper's 90 epochs at 0.1, as `nnclr linear_eval`).
       batch_size: batch size for arrays.
+      callbacks: Keras callbacks for the fit (e.g. `EpochLog`, as the `nnclr` modes pass).
       strategy: a tf.distribute strategy to train under (default: the current one). Batches are
         global: Keras splits each over the replicas; the head's batch norm uses the global batch.
         Build the encoder in its scope.
@@ -270,7 +272,8 @@ def linear_evaluation(
                 classifier, learning_rate, epochs * steps, momentum, weight_decay, num_classes
             )
         classifier.fit(
-            train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False
+            train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
+            shuffle=False, callbacks=callbacks,
         )
         results = evaluate_classifier(classifier, test_ds, num_classes)
         return {**results, "epochs": int(epochs), "learning_rate": float(learning_rate)}
