@@ -9,8 +9,9 @@
 # Each run pretrains alone (timed, no report), then its encoder is scored with the report's
 # protocol (kNN k=20 and the linear probe on all 60,000 training / 10,000 test features) into
 # RUN/scores.json. A run that has its scores is not run again, so the script can be stopped and
-# started again. It prints the table (mean and spread over seeds, relative drop from byol to crops)
-# and writes RUNS/ablation.md.
+# started again. experiments/ablation_table.py then prints the table (mean and spread over seeds,
+# each method's relative drop from byol to crops per seed, whether NNCLR's drop is smaller by more
+# than the seed spread, the support-set curve) and writes RUNS/ablation.md.
 #   experiments/augmentation_ablation.sh                         # everything, ~5 h on 2 CPU cores
 #   SEEDS="0" QUEUES="" experiments/augmentation_ablation.sh     # one seed, no queue curve
 #   experiments/augmentation_ablation.sh --set optim.epochs=1    # extra flags go to every run
@@ -60,65 +61,4 @@ for queue in $QUEUES; do
     --set run.seed=0 "$@"
 done
 
-"$PYTHON" - "$RUNS" <<'EOF'
-import glob, json, os, sys
-
-import numpy as np
-
-runs = sys.argv[1]
-
-
-def scores(pattern):
-    rows = []
-    for folder in sorted(glob.glob(os.path.join(runs, pattern))):
-        path = os.path.join(folder, "scores.json")
-        if os.path.exists(path):
-            with open(path) as handle:
-                row = json.load(handle)
-            with open(os.path.join(folder, "pretrain_wall_seconds.txt")) as handle:
-                row["wall"] = int(handle.read())
-            rows.append(row)
-    return rows
-
-
-def stat(rows, key):
-    values = np.array([row[key] for row in rows])
-    return values.mean(), (values.max() - values.min()) / 2
-
-
-lines = ["| method | augmentation | seeds | kNN top-1 | linear top-1 | pretraining wall (mean) |",
-         "| --- | --- | --- | --- | --- | --- |"]
-means = {}
-for positive, name in (("nn", "NNCLR"), ("self", "positive=self (SimCLR-style)")):
-    for augment in ("byol", "crops"):
-        rows = scores(f"{positive}_{augment}_seed*")
-        if not rows:
-            continue
-        knn, knn_spread = stat(rows, "knn_top1")
-        linear, linear_spread = stat(rows, "linear_top1")
-        means[positive, augment] = (knn, linear, knn_spread, linear_spread)
-        wall = np.mean([row["wall"] for row in rows])
-        lines.append(f"| {name} | {augment} | {len(rows)} | {knn:.4f} +- {knn_spread:.4f} | "
-                     f"{linear:.4f} +- {linear_spread:.4f} | {wall / 60:.1f} min |")
-lines += ["", "Relative drop from byol to crops (spread: half the range over seeds):", ""]
-for positive, name in (("nn", "NNCLR"), ("self", "positive=self")):
-    if (positive, "byol") in means and (positive, "crops") in means:
-        full, crops = means[positive, "byol"], means[positive, "crops"]
-        lines.append(f"- {name}: kNN {100 * (1 - crops[0] / full[0]):.2f} %, "
-                     f"linear {100 * (1 - crops[1] / full[1]):.2f} %")
-queue_rows = [(int(os.path.basename(f)[5:]), f) for f in glob.glob(os.path.join(runs, "queue*"))]
-if queue_rows:
-    lines += ["", "| support set | kNN top-1 | linear top-1 |", "| --- | --- | --- |"]
-    seed0 = scores("nn_byol_seed0")
-    points = [(8192, seed0[0])] if seed0 else []
-    for queue, folder in queue_rows:
-        rows = scores(os.path.basename(folder))
-        if rows:
-            points.append((queue, rows[0]))
-    for queue, row in sorted(points):
-        lines.append(f"| {queue:,} | {row['knn_top1']:.4f} | {row['linear_top1']:.4f} |")
-text = "\n".join(lines)
-print(text)
-with open(os.path.join(runs, "ablation.md"), "w") as handle:
-    handle.write(text + "\n")
-EOF
+"$PYTHON" "$(dirname "$0")/ablation_table.py" "$RUNS"
