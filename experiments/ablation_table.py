@@ -86,11 +86,16 @@ def table(found: dict) -> str:
                 per_seed = ", ".join(f"{100 * d:.2f}" for d in drops[positive].values())
                 mean, spread = mean_spread(drops[positive].values())
                 lines.append(f"- {metric}, {name}: {100 * mean:.2f} +- {100 * spread:.2f} % "
-                             f"(seeds {', '.join(map(str, drops[positive]))}: {per_seed} %)")
+                             f"(seed{'s' * (len(drops[positive]) > 1)} "
+                             f"{', '.join(map(str, drops[positive]))}: {per_seed} %)")
         if drops["nn"] and drops["self"]:
             (nn, nn_spread), (own, own_spread) = (mean_spread(drops[p].values())
                                                   for p in ("nn", "self"))
             spread = max(nn_spread, own_spread)
+            if min(len(drops["nn"]), len(drops["self"])) < 2:
+                lines.append(f"- {metric}: positive=self's drop minus NNCLR's: "
+                             f"{100 * (own - nn):+.2f} points; one seed, no spread to compare with")
+                continue
             verdict = ("smaller by more than" if own - nn > spread else
                        "not smaller by more than")
             lines.append(f"- {metric}: NNCLR's drop is {verdict} the seed spread "

@@ -56,3 +56,17 @@ def test_table_means_spreads_drops_and_verdicts(runs):
     at = lines.index("| support set | kNN top-1 | linear top-1 |")
     assert lines[at + 2:] == ["| 1,024 | 0.8400 | 0.8700 |", "| 8,192 | 0.8600 | 0.8800 |"]
     assert (runs / "ablation.md").read_text() == done.stdout
+
+
+def test_one_seed_gives_no_verdict(tmp_path):
+    runs = tmp_path / "ablation"
+    runs.mkdir()
+    for name, knn in [("nn_byol_seed0", 0.86), ("nn_crops_seed0", 0.80),
+                      ("self_byol_seed0", 0.86), ("self_crops_seed0", 0.78)]:
+        write_run(runs, name, knn, 0.88, 1200)
+    done = subprocess.run([sys.executable, SCRIPT, str(runs)], capture_output=True, text=True,
+                          check=True)
+    # 1 - 0.80/0.86 = 6.98 %, 1 - 0.78/0.86 = 9.30 %: 2.33 points, but a spread needs two seeds.
+    assert ("- kNN: positive=self's drop minus NNCLR's: +2.33 points; one seed, no spread to "
+            "compare with") in done.stdout.splitlines()
+    assert "seed spread" not in done.stdout
