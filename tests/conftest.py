@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # The kernels the `nnclr` command runs (nnclr_tf.cli.run sets this before TensorFlow loads).
@@ -196,3 +197,25 @@ def run_loopback_workers(commands, env_for, logs, timeout, cwd=None):
             log.close()
     return [(process.returncode, log_path.read_text(encoding="utf-8"))
             for (process, _), log_path in zip(processes, logs)]
+
+
+def start_until_line(command, until, timeout, stream="stdout", **popen):
+    """Starts `command` (text mode, `stream` piped; other Popen arguments in `popen`) and reads
+    `stream` until a line for which `until(line)` is true. Returns (process, that line, the lines
+    before it); the caller reads the rest and waits. A command that ends first fails the test; one
+    that neither prints the line nor ends is killed after `timeout` seconds (the test fails, not the
+    suite)."""
+    process = subprocess.Popen(command, text=True, **{stream: subprocess.PIPE}, **popen)
+    watchdog = threading.Timer(timeout, process.kill)
+    watchdog.start()
+    before = []
+    try:
+        for line in getattr(process, stream):
+            if until(line):
+                return process, line, before
+            before.append(line)
+    finally:
+        watchdog.cancel()
+    raise AssertionError(f"{command} ended (exit {process.wait()}) without the line awaited; its "
+                         f"last lines: {before[-10:]}")
+

@@ -6,14 +6,14 @@ One tiny pretraining run is shared by the module; every mode must write `<mode>.
 
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
-import threading
 
 import numpy as np
 import pytest
-from conftest import nnclr_command, run_nnclr
+from conftest import nnclr_command, run_nnclr, start_until_line
 
 
 def nnclr(*args, cwd):
@@ -90,33 +90,26 @@ def test_mode_writes_json_and_markdown_and_scores_above_chance(run, mode, extra,
 def test_sigterm_stops_an_evaluation_mode_with_one_line_and_writes_nothing(run):
     # A scheduler's SIGTERM used to end linear_eval at once without a word (Python's default).
     common, model_dir, root = run
-    before = {name: open(os.path.join(model_dir, name), "rb").read()
-              for name in os.listdir(model_dir) if name.startswith("linear_eval.")}
+
+    def results_files():
+        return {path.name: path.read_bytes()
+                for path in pathlib.Path(model_dir).glob("linear_eval.*")}
+
+    before = results_files()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen([*nnclr_command(), "linear_eval", *common,
-                                "--set=eval.linear_epochs=200"], cwd=root, env=env,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    watchdog = threading.Timer(600, process.kill)  # a hung run fails the test, not the suite
-    watchdog.start()
-    try:
-        lines = []
-        for line in process.stderr:  # the first epoch's line: the head is training
-            lines.append(line)
-            if "linear_eval: epoch 1/200" in line:
-                process.send_signal(signal.SIGTERM)
-                break
-        lines += process.stderr.readlines()
-        code = process.wait()
-    finally:
-        watchdog.cancel()
-    assert code == 128 + signal.SIGTERM, lines[-20:]
+    # The first epoch's line: the head is training.
+    process, line, lines = start_until_line(
+        [*nnclr_command(), "linear_eval", *common, "--set=eval.linear_epochs=200"],
+        lambda line: "linear_eval: epoch 1/200" in line, timeout=600, stream="stderr", cwd=root,
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=300)
+    lines = [*lines, line, *rest.splitlines(keepends=True)]
+    assert process.returncode == 128 + signal.SIGTERM, lines[-20:]
     assert lines[-1].rstrip("\n") == (
         "nnclr linear_eval: stopped by SIGTERM; the same command runs it again from the start")
     assert not any("Traceback" in line for line in lines)
-    after = {name: open(os.path.join(model_dir, name), "rb").read()
-             for name in os.listdir(model_dir) if name.startswith("linear_eval.")}
-    assert after == before
+    assert results_files() == before
 
 
 @pytest.mark.slow  # extracts features of every available dataset; transfer_suite is unit-tested

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import nnclr_command, run_cli, run_nnclr
+from conftest import nnclr_command, run_cli, run_nnclr, start_until_line
 from nnclr_tf import evaluate, export, modes, train
 from nnclr_tf import config as cfg
 from nnclr_tf.augment import view_augmenter
@@ -199,16 +199,9 @@ def _support_set(tensors, name):
 
 def _run_until_blocked(command, timeout, stderr=subprocess.DEVNULL, **popen):
     """Starts `command`, waits for its "BLOCKED <step>" line; returns (process, step)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, **popen)
-    watchdog = threading.Timer(timeout, process.kill)  # a hung run fails the test, not the suite
-    watchdog.start()
-    try:
-        for line in process.stdout:
-            if line.startswith("BLOCKED"):
-                return process, int(line.split()[1])
-    finally:
-        watchdog.cancel()
-    raise AssertionError(f"{command} ended (exit {process.wait()}) without reaching its block step")
+    process, line, _ = start_until_line(command, lambda line: line.startswith("BLOCKED"), timeout,
+                                        stderr=stderr, **popen)
+    return process, int(line.split()[1])
 
 
 # 3: the neighbour is sampled, statelessly (slow: the default suite keeps top_k=1)
