@@ -3,8 +3,9 @@
     python experiments/ablation_table.py RUNS      # prints the table, writes RUNS/ablation.md
 
 RUNS holds `{nn,self}_{byol,crops}_seed{S}/` and `queue{N}/` folders, each with scores.json (kNN and
-linear top-1 of `report.encoder_scores`) and pretrain_wall_seconds.txt; folders without scores.json
-(runs not finished) are left out. It prints:
+linear top-1 of `report.encoder_scores`) and pretrain_wall_seconds.txt (the pretraining wall time of
+the run's last attempt: a run stopped and resumed counts only its last part); folders without
+scores.json (runs not finished) are left out. It prints:
 - mean and spread (half the range over seeds) of kNN and linear top-1 for each method and
   augmentation;
 - each method's relative drop from byol to crops, 1 - crops / byol, per seed (the two runs of a seed
@@ -65,7 +66,7 @@ def relative_drops(found: dict, positive: str, metric: str) -> dict:
 
 def table(found: dict) -> str:
     lines = ["| method | augmentation | seeds | kNN top-1 | linear top-1 "
-             "| pretraining wall (mean) |", "| --- | --- | --- | --- | --- | --- |"]
+             "| pretraining wall, mean (last attempt) |", "| --- | --- | --- | --- | --- | --- |"]
     for positive, name in METHODS:
         for augment in ("byol", "crops"):
             rows = [row for (p, a, _), row in sorted(found.items())

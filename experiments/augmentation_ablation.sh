@@ -12,9 +12,11 @@
 # started again. experiments/ablation_table.py then prints the table (mean and spread over seeds,
 # each method's relative drop from byol to crops per seed, whether NNCLR's drop is smaller by more
 # than the seed spread, the support-set curve) and writes RUNS/ablation.md.
-#   experiments/augmentation_ablation.sh                         # everything, ~5 h on 2 CPU cores
+#   experiments/augmentation_ablation.sh                         # everything, ~6 h on 2 CPU cores
 #   SEEDS="0" QUEUES="" experiments/augmentation_ablation.sh     # one seed, no queue curve
 #   experiments/augmentation_ablation.sh --set optim.epochs=1    # extra flags go to every run
+# Two copies with different SEEDS (and QUEUES="" in all but one) may share RUNS: on 2 cores two
+# runs side by side finished sooner than one after the other (BUILD.md). Never two on one folder.
 set -euo pipefail
 RUNS=${RUNS:-runs/ablation}
 SEEDS=${SEEDS:-0 1 2}
