@@ -218,4 +218,3 @@ def start_until_line(command, until, timeout, stream="stdout", **popen):
         watchdog.cancel()
     raise AssertionError(f"{command} ended (exit {process.wait()}) without the line awaited; its "
                          f"last lines: {before[-10:]}")
-
